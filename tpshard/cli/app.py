@@ -1,0 +1,70 @@
+"""The typer app and what every command shares: the stderr console, errors, progress bars.
+
+Nothing here imports torch: `tpshard --help` and `--version` must answer at once. Commands import the
+core inside their bodies.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from tpshard import __version__
+
+stderr = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False)
+
+app = typer.Typer(
+    name="tpshard",
+    help=(
+        "Split a nanoGPT checkpoint into Megatron-style tensor-parallel shards, put them back together, "
+        "run them (simulated in one process or distributed with torch.distributed), and prove that "
+        "nothing changed.\n\n"
+        "Typical flow: inspect -> split -> verify -> generate. Exit codes: 0 ok, 1 a verification "
+        "failed, 2 bad input or usage."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tpshard {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    pass
+
+
+def existing(path: Path) -> Path:
+    """Paths are checked by the core, which words the errors; this only expands '~'."""
+    return path.expanduser()
+
+
+@contextmanager
+def byte_progress(description: str, total: int, *, enabled: bool = True) -> Iterator:
+    """A progress bar on stderr, shown only on a terminal and for work large enough to wait for."""
+    show = enabled and stderr.is_terminal and total >= 32 << 20
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        disable=not show,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)

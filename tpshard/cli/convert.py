@@ -1,0 +1,124 @@
+"""`tpshard split`, `merge` and `reshard`: the shard set on disk."""
+
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from tpshard.cli.app import app, byte_progress, existing, stderr, stdout
+from tpshard.errors import TpshardError
+
+
+class DType(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class MergeFormat(StrEnum):
+    pt = "pt"
+    safetensors = "safetensors"
+
+
+def _files_table(title: str, manifest, directory: Path) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("file")
+    table.add_column("bytes", justify="right")
+    table.add_column("sha256")
+    for entry in manifest.files:
+        table.add_row(str(entry["rank"]), str(directory / entry["file"]), f"{entry['bytes']:,}", entry["sha256"][:16])
+    return table
+
+
+@app.command()
+def split(
+    checkpoint: Path = typer.Argument(..., help="nanoGPT ckpt.pt (as train.py writes it).", callback=existing),
+    tp: int = typer.Option(..., "--tp", help="Tensor-parallel size N; must divide n_head."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory for the shard set.", callback=existing),
+    dtype: DType | None = typer.Option(None, help="Store the shards in this dtype [default: the checkpoint's]."),
+    tokenizer: Path | None = typer.Option(None, help="Tokenizer to ship with the shards (meta.pkl or .tiktoken)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Split CHECKPOINT into N Megatron-style rank files plus a checksummed manifest.
+
+    Attention q,k,v (per head) and the MLP's c_fc are split by output columns; both c_proj by input
+    rows (their biases are added once, after the all-reduce); everything else is replicated. The
+    optimizer state is left out and never read. The write is atomic: OUT appears only when complete.
+    """
+    from tpshard.checkpoint import load_checkpoint
+    from tpshard.shards import DTYPES, split_checkpoint
+    from tpshard.tokenizer import find_tokenizer
+
+    ckpt = load_checkpoint(checkpoint)
+    try:
+        tok = find_tokenizer(
+            checkpoint, dataset=ckpt.train_config.get("dataset"), vocab_size=ckpt.config.vocab_size, explicit=tokenizer
+        )
+        tokenizer_file = tok.source
+    except TpshardError:
+        if tokenizer is not None:
+            raise
+        tokenizer_file = None
+        stderr.print("[yellow]note:[/] no tokenizer found beside the checkpoint; the shard set ships without one")
+    target = DTYPES[dtype.value] if dtype else None
+    total = tp * sum(t.numel() * (target or ckpt.dtype).itemsize for t in ckpt.state_dict.values())
+    with byte_progress(f"split into {tp}", total) as progress:
+        manifest = split_checkpoint(
+            ckpt, tp, out, dtype=target, force=force, tokenizer_file=tokenizer_file, progress=progress
+        )
+    stdout.print(_files_table(f"{checkpoint} -> {out} (tp {tp}, {dtype or 'source dtype'})", manifest, out))
+    if ckpt.has_optimizer:
+        stdout.print("optimizer state left out (not needed for inference; it was never read)")
+    if manifest.tokenizer:
+        stdout.print(f"tokenizer copied: {out / manifest.tokenizer}")
+
+
+@app.command()
+def merge(
+    shards: Path = typer.Argument(..., help="Shard directory written by split or reshard.", callback=existing),
+    out: Path = typer.Option(..., "-o", "--out", help="Dense checkpoint to write.", callback=existing),
+    format: MergeFormat = typer.Option(MergeFormat.pt, "--format", help="pt: nanoGPT ckpt.pt; safetensors."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Reassemble the dense checkpoint from SHARDS, bit for bit.
+
+    Every rank file is checked against the manifest's sha256 first. The pt output is a nanoGPT
+    ckpt.pt (model, model_args, iter_num, best_val_loss, config; wte and lm_head tied) that nanoGPT's
+    sample.py loads; its optimizer entry is None, since shards carry no optimizer state.
+    """
+    from tpshard.checkpoint import save_checkpoint, save_safetensors
+    from tpshard.shards import ShardSet, merge_shards
+
+    if out.exists() and not force:
+        raise TpshardError(f"{out}: already exists; choose another output or pass --force to replace it")
+    if out.is_dir():
+        raise TpshardError(f"{out}: is a directory, expected a file name for the merged checkpoint")
+    shard_set = ShardSet.open(shards)
+    total = sum(f["bytes"] for f in shard_set.manifest.files)
+    with byte_progress("verify checksums", total) as progress:
+        ckpt = merge_shards(shard_set, progress=progress)
+    (save_checkpoint if format is MergeFormat.pt else save_safetensors)(ckpt, out)
+    stdout.print(f"merged {shard_set.tp_size} shards -> {out} ({format.value}, checksums verified)")
+
+
+@app.command()
+def reshard(
+    shards: Path = typer.Argument(..., help="Shard directory written by split or reshard.", callback=existing),
+    tp: int = typer.Option(..., "--tp", help="New tensor-parallel size M; must divide n_head."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory for the new shard set.", callback=existing),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Turn an N-way shard set into an M-way one directly, tensor by tensor (no dense checkpoint).
+
+    The result is byte-identical to splitting the original checkpoint M ways.
+    """
+    from tpshard.shards import ShardSet
+    from tpshard.shards import reshard as reshard_set
+
+    shard_set = ShardSet.open(shards)
+    total = tp * shard_set.manifest.dense_bytes()
+    with byte_progress(f"reshard {shard_set.tp_size} -> {tp}", total) as progress:
+        manifest = reshard_set(shard_set, tp, out, force=force, progress=progress)
+    stdout.print(_files_table(f"{shards} (tp {shard_set.tp_size}) -> {out} (tp {tp})", manifest, out))

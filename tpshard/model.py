@@ -1,0 +1,229 @@
+"""The GPT model: nanoGPT's architecture and parameter names, written for a process's share of a
+tensor-parallel run.
+
+A process hosts one or more *local ranks* out of `tp_size`. Each linear layer holds the local ranks'
+slices side by side (rank-major), so one definition serves every runtime:
+
+- dense:       tp_size 1, local ranks (0,)      -> exactly nanoGPT's shapes and state_dict
+- simulated:   tp_size N, local ranks (0..N-1)  -> every rank's slice in one process
+- distributed: tp_size N, local ranks (r,)      -> one rank's slice; the reduction talks to the group
+
+Attention's c_attn and the MLP's c_fc are column-parallel (each rank computes its own heads / hidden
+units, no communication); the two c_proj are row-parallel: each rank multiplies its slice of the input
+by its slice of the weight, giving a partial sum of the full output. Those partials are reduced (the
+two sync points of a block), then the c_proj bias is added once.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    """nanoGPT's GPTConfig, field for field."""
+
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which tensor-parallel ranks this process holds."""
+
+    tp_size: int = 1
+    ranks: tuple[int, ...] = (0,)
+
+    @classmethod
+    def simulated(cls, tp_size: int) -> "Placement":
+        return cls(tp_size, tuple(range(tp_size)))
+
+
+DENSE = Placement()
+
+# partials [local_ranks, B, T, C] -> full output [B, T, C]
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def sum_local_ranks(partials: torch.Tensor) -> torch.Tensor:
+    return partials.sum(0)
+
+
+def row_parallel(x: torch.Tensor, linear: nn.Linear, reduce: Reduce) -> torch.Tensor:
+    """x [B, T, R, k] holds each local rank's input slice; linear.weight [C, R*k] their row slices."""
+    B, T, R, k = x.shape
+    if R == 1:  # one rank: a plain matmul, same kernel as nanoGPT's
+        partials = F.linear(x.view(B, T, k), linear.weight).unsqueeze(0)
+    else:
+        partials = torch.einsum("btrk,crk->rbtc", x, linear.weight.view(-1, R, k))
+    out = reduce(partials)
+    return out if linear.bias is None else out + linear.bias  # bias once, after the reduction
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for this process's heads only."""
+
+    def __init__(self, model: "GPT", batch_size: int):
+        attn = model.transformer.h[0].attn
+        shape = (batch_size, attn.n_local_heads, model.config.block_size, attn.head_size)
+        param = model.lm_head.weight
+        self.keys = [param.new_empty(shape) for _ in range(model.config.n_layer)]
+        self.values = [param.new_empty(shape) for _ in range(model.config.n_layer)]
+        self.length = 0  # tokens already stored
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.size(2)
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, placement: Placement):
+        super().__init__()
+        self.local_ranks = len(placement.ranks)
+        self.heads_per_rank = config.n_head // placement.tp_size
+        self.n_local_heads = self.heads_per_rank * self.local_ranks
+        self.head_size = config.n_embd // config.n_head
+        width = self.n_local_heads * self.head_size
+        self.c_attn = nn.Linear(config.n_embd, 3 * width, bias=config.bias)  # column-parallel
+        self.c_proj = nn.Linear(width, config.n_embd, bias=config.bias)  # row-parallel
+
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache | None, reduce: Reduce) -> torch.Tensor:
+        B, T, _ = x.shape
+        R, h, hs = self.local_ranks, self.heads_per_rank, self.head_size
+        # each local rank's output columns are [q_r; k_r; v_r] for its own heads
+        q, k, v = self.c_attn(x).view(B, T, R, 3, h, hs).unbind(3)
+        q, k, v = (t.reshape(B, T, R * h, hs).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hs)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(start, T, x.device))
+        y = y.transpose(1, 2).reshape(B, T, R, h * hs)
+        return row_parallel(y, self.c_proj, reduce)
+
+
+def _causal_mask(start: int, T: int, device: torch.device) -> torch.Tensor | None:
+    """Query i (absolute position start+i) sees keys 0..start+i. None when nothing is hidden."""
+    if T == 1:
+        return None
+    keys = torch.arange(start + T, device=device)
+    queries = torch.arange(start, start + T, device=device)
+    return keys[None, :] <= queries[:, None]
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig, placement: Placement):
+        super().__init__()
+        self.local_ranks = len(placement.ranks)
+        hidden = 4 * config.n_embd // placement.tp_size * self.local_ranks
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)  # column-parallel
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)  # row-parallel
+
+    def forward(self, x: torch.Tensor, reduce: Reduce) -> torch.Tensor:
+        B, T, _ = x.shape
+        h = F.gelu(self.c_fc(x))
+        return row_parallel(h.view(B, T, self.local_ranks, -1), self.c_proj, reduce)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, placement: Placement):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, placement)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config, placement)
+
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache | None, reduce: Reduce) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layer, cache, reduce)  # sync point 1
+        return x + self.mlp(self.ln_2(x), reduce)  # sync point 2
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, placement: Placement = DENSE, reduce: Reduce = sum_local_ranks):
+        super().__init__()
+        check_divides(config, placement.tp_size)
+        self.config = config
+        self.placement = placement
+        self.reduce = reduce
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                h=nn.ModuleList([Block(config, placement) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied, as in nanoGPT
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        last_only: bool = False,
+        hidden_states: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Logits for idx (B, T). With a cache, idx continues the cached tokens.
+
+        last_only: logits of the last position only (all that sampling needs).
+        hidden_states: if given, receives the residual stream after the embedding and after each block.
+        """
+        T = idx.size(1)
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, layer, cache, self.reduce)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        if cache is not None:
+            cache.length += T
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
+
+
+def check_divides(config: GPTConfig, tp_size: int) -> None:
+    """Megatron needs whole heads (and so whole MLP columns) on every rank."""
+    if tp_size < 1 or config.n_head % tp_size or (4 * config.n_embd) % tp_size:
+        valid = [n for n in range(1, config.n_head + 1) if config.n_head % n == 0]
+        raise ValueError(
+            f"--tp {tp_size} does not divide n_head={config.n_head} (and 4*n_embd={4 * config.n_embd}); "
+            f"valid tp sizes: {', '.join(map(str, valid))}"
+        )
+
+
+def parameter_count(config: GPTConfig) -> int:
+    """Parameters of the dense model, the tied embedding counted once."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPT(config).parameters())
+
+
+def random_weights(model: GPT, seed: int = 0) -> GPT:
+    """Random weights for test and benchmark models: nanoGPT's init scale, and non-zero biases and
+    LayerNorm gains so that a bias added twice or a mixed-up norm shows in the numbers."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 0.02 / math.sqrt(2 * model.config.n_layer) if name.endswith("c_proj.weight") else 0.02
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+            if ".ln_" in name and name.endswith("weight"):
+                p.add_(1.0)
+    return model

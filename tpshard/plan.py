@@ -1,0 +1,111 @@
+"""The Megatron-LM split rules, declared once. Split, merge, reshard, inspect and the sharded loaders
+all read them from here.
+
+    attn.c_attn   weight, bias   column, per head: rank r holds [q_r; k_r; v_r] for its heads
+    mlp.c_fc      weight, bias   column: rank r holds output rows r*4C/N .. (r+1)*4C/N
+    attn.c_proj   weight         row: rank r holds input columns of its heads
+    mlp.c_proj    weight         row: rank r holds input columns of its hidden units
+    c_proj biases                replicated, added once after the reduction
+    everything else              replicated (LayerNorms, wpe, wte; lm_head is tied to wte)
+"""
+
+from enum import StrEnum
+
+import torch
+
+from tpshard.model import GPT, GPTConfig, Placement
+
+TIED = {"lm_head.weight": "transformer.wte.weight"}  # stored once, under the embedding's name
+
+
+class Rule(StrEnum):
+    QKV_COLUMN = "qkv_column"
+    COLUMN = "column"
+    ROW = "row"
+    REPLICATED = "replicated"
+
+    @property
+    def dim(self) -> int | None:
+        """The dimension split across ranks, None when every rank holds the whole tensor."""
+        return {Rule.QKV_COLUMN: 0, Rule.COLUMN: 0, Rule.ROW: 1}.get(self)
+
+    @property
+    def describe(self) -> str:
+        return {
+            Rule.QKV_COLUMN: "column, per head (q,k,v)",
+            Rule.COLUMN: "column",
+            Rule.ROW: "row",
+            Rule.REPLICATED: "replicated",
+        }[self]
+
+
+_RULES = {
+    "attn.c_attn.weight": Rule.QKV_COLUMN,
+    "attn.c_attn.bias": Rule.QKV_COLUMN,
+    "mlp.c_fc.weight": Rule.COLUMN,
+    "mlp.c_fc.bias": Rule.COLUMN,
+    "attn.c_proj.weight": Rule.ROW,
+    "mlp.c_proj.weight": Rule.ROW,
+}
+
+
+def rule_for(name: str) -> Rule:
+    for suffix, rule in _RULES.items():
+        if name.endswith("." + suffix):
+            return rule
+    return Rule.REPLICATED
+
+
+def dense_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every stored tensor's dense shape, in nanoGPT's state_dict order (tied lm_head left out)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in TIED}
+
+
+def shard(name: str, tensor: torch.Tensor, rank: int, tp_size: int) -> torch.Tensor:
+    """Rank `rank`'s piece of a dense tensor (a view where the layout allows)."""
+    rule = rule_for(name)
+    if rule is Rule.REPLICATED or tp_size == 1:
+        return tensor
+    if rule is Rule.QKV_COLUMN:  # [3C, ...] -> (q, k, v) x ranks -> this rank's q, k, v rows
+        per_part = tensor.view(3, tp_size, -1, *tensor.shape[1:])[:, rank]
+        return per_part.reshape(-1, *tensor.shape[1:])
+    return tensor.chunk(tp_size, dim=rule.dim)[rank]
+
+
+def unshard(name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The dense tensor from every rank's piece, in rank order (inverse of `shard`)."""
+    rule = rule_for(name)
+    if rule is Rule.REPLICATED or len(pieces) == 1:
+        return pieces[0]
+    if rule is Rule.QKV_COLUMN:
+        parts = [p.view(3, -1, *p.shape[1:]) for p in pieces]
+        stacked = torch.stack(parts, dim=1)  # (q, k, v) x ranks x rows
+        return stacked.reshape(-1, *pieces[0].shape[1:])
+    return torch.cat(pieces, dim=rule.dim)
+
+
+def side_by_side(name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The local ranks' pieces as one process's parameter: rank-major along the split dim (see model.py)."""
+    rule = rule_for(name)
+    if rule is Rule.REPLICATED or len(pieces) == 1:
+        return pieces[0]
+    return torch.cat(pieces, dim=rule.dim)
+
+
+def load_local_ranks(config: GPTConfig, placement: Placement, pieces: dict[str, list[torch.Tensor]]) -> dict:
+    """A state_dict for GPT(config, placement) from each tensor's pieces of the local ranks, in rank order."""
+    state = {name: side_by_side(name, ranks) for name, ranks in pieces.items()}
+    for tied, source in TIED.items():
+        state[tied] = state[source]
+    return state
+
+
+def piece_shape(name: str, dense_shape: tuple[int, ...], tp_size: int) -> tuple[int, ...]:
+    dim = rule_for(name).dim
+    if dim is None:
+        return tuple(dense_shape)
+    shape = list(dense_shape)
+    shape[dim] //= tp_size
+    return tuple(shape)
