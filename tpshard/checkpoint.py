@@ -42,10 +42,7 @@ class Checkpoint:
         return self.state_dict["transformer.wte.weight"].dtype
 
     def model(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
-        with torch.device("meta"):
-            model = GPT(self.config)
-        model.load_state_dict(self.state_dict, assign=True)
-        return model.to(device=device, dtype=dtype).eval()
+        return GPT.from_state_dict(self.config, self.state_dict).to(device=device, dtype=dtype)
 
 
 def read_checkpoint_file(path: Path) -> dict:

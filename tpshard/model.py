@@ -167,6 +167,17 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as in nanoGPT
 
+    @classmethod
+    def from_state_dict(
+        cls, config: GPTConfig, state_dict: dict, placement: Placement = DENSE, reduce: Reduce = sum_local_ranks
+    ) -> "GPT":
+        """Adopt the tensors as parameters without copying them (they may be memory-mapped)."""
+        with torch.device("meta"):
+            model = cls(config, placement, reduce)
+        model.load_state_dict(state_dict, assign=True)
+        model.transformer.wte.weight = model.lm_head.weight  # assign replaced the tied parameter
+        return model.eval()
+
     def forward(
         self,
         idx: torch.Tensor,
