@@ -78,7 +78,11 @@ def config_from_model_args(model_args: object, path: Path) -> GPTConfig:
     missing = [k for k in MODEL_ARGS if k not in model_args]
     if missing:
         raise TpshardError(f"{path}: 'model_args' lacks {', '.join(missing)}")
-    config = GPTConfig(**{k: model_args[k] for k in (*MODEL_ARGS, "dropout") if k in model_args})
+    config = GPTConfig(**{k: model_args[k] for k in (*MODEL_ARGS, "dropout", *EXTENSIONS) if k in model_args})
+    if config.activation not in ("gelu", "gelu_new"):
+        raise TpshardError(f"{path}: activation {config.activation!r} is not supported (gelu or gelu_new)")
+    if not isinstance(config.layer_norm_epsilon, float) or not 0 < config.layer_norm_epsilon < 1:
+        raise TpshardError(f"{path}: layer_norm_epsilon {config.layer_norm_epsilon!r} is not valid")
     for name in MODEL_ARGS:
         value = getattr(config, name)
         if name == "bias":
@@ -150,8 +154,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
+EXTENSIONS = ("activation", "layer_norm_epsilon")  # GPTConfig fields nanoGPT lacks
+
+
 def model_args(config: GPTConfig) -> dict:
-    return asdict(config)
+    """nanoGPT's model_args; the extension fields only where they differ from nanoGPT's behaviour, so
+    that nanoGPT's GPTConfig(**model_args) still accepts a nanoGPT model's."""
+    args = asdict(config)
+    for name in EXTENSIONS:
+        if args[name] == getattr(GPTConfig, name):
+            del args[name]
+    return args
 
 
 def nanogpt_dict(checkpoint: Checkpoint) -> dict:

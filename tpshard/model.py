@@ -34,6 +34,13 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    # Beyond nanoGPT, for imported Hugging Face GPT-2 models: HF uses the tanh GELU ("gelu_new").
+    activation: str = "gelu"  # "gelu" (exact erf, nanoGPT) or "gelu_new" (tanh approximation, HF GPT-2)
+    layer_norm_epsilon: float = 1e-5
+
+    @property
+    def gelu_approximate(self) -> str:
+        return {"gelu": "none", "gelu_new": "tanh"}[self.activation]
 
 
 @dataclass(frozen=True)
@@ -126,22 +133,23 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig, placement: Placement):
         super().__init__()
         self.local_ranks = len(placement.ranks)
+        self.approximate = config.gelu_approximate
         hidden = 4 * config.n_embd // placement.tp_size * self.local_ranks
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)  # column-parallel
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)  # row-parallel
 
     def forward(self, x: torch.Tensor, reduce: Reduce) -> torch.Tensor:
         B, T, _ = x.shape
-        h = F.gelu(self.c_fc(x))
+        h = F.gelu(self.c_fc(x), approximate=self.approximate)
         return row_parallel(h.view(B, T, self.local_ranks, -1), self.c_proj, reduce)
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, placement: Placement):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.attn = CausalSelfAttention(config, placement)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config, placement)
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache | None, reduce: Reduce) -> torch.Tensor:
@@ -161,7 +169,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 h=nn.ModuleList([Block(config, placement) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)

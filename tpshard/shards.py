@@ -19,14 +19,14 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from tpshard import plan
-from tpshard.checkpoint import Checkpoint, check_tp, config_from_model_args, model_args
+from tpshard.checkpoint import Checkpoint, check_tp, config_from_model_args
 from tpshard.errors import TpshardError
 from tpshard.model import GPTConfig
 
@@ -164,7 +164,7 @@ class Manifest:
             "format": FORMAT,
             "format_version": self.format_version,
             "tp_size": self.tp_size,
-            "model_args": model_args(self.config),
+            "model_args": asdict(self.config),  # everything, activation included
             "dtype": DTYPE_NAMES[self.dtype],
             "tied": plan.TIED,
             "tensors": self.tensors,
