@@ -22,6 +22,7 @@ from tpshard.plan import TIED, dense_shapes
 
 COMPILE_PREFIX = "_orig_mod."  # left by torch.compile
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+EXTENSIONS = ("activation", "layer_norm_epsilon")  # GPTConfig fields nanoGPT lacks
 
 
 @dataclass
@@ -132,9 +133,13 @@ def clean_state_dict(raw: dict, config: GPTConfig, path: Path) -> dict[str, torc
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load a nanoGPT ckpt.pt (or a dense .safetensors written by `tpshard merge --format safetensors`):
     validated, tensors memory-mapped, optimizer state left on disk."""
+    from tpshard import hf
+
     path = Path(path)
     if path.suffix == ".safetensors" and path.is_file():
         return load_safetensors_checkpoint(path)
+    if hf.is_hf_directory(path):
+        return hf.load_hf(path)
     raw = read_checkpoint_file(path)
     if not isinstance(raw, dict) or "model" not in raw or "model_args" not in raw:
         keys = sorted(raw)[:6] if isinstance(raw, dict) else type(raw).__name__
@@ -152,9 +157,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         train_config=raw.get("config") or {},
         has_optimizer="optimizer" in raw,
     )
-
-
-EXTENSIONS = ("activation", "layer_norm_epsilon")  # GPTConfig fields nanoGPT lacks
 
 
 def model_args(config: GPTConfig) -> dict:

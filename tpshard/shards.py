@@ -62,14 +62,20 @@ class BackgroundHash:
 
     def __init__(self, path: Path):
         self.result: str | None = None
+        self.error: OSError | None = None
         self._thread = threading.Thread(target=self._run, args=(path,), daemon=True)
         self._thread.start()
 
     def _run(self, path: Path) -> None:
-        self.result = sha256_file(path)
+        try:
+            self.result = sha256_file(path)
+        except OSError as e:
+            self.error = e
 
     def get(self) -> str:
         self._thread.join()
+        if self.error is not None:
+            raise TpshardError(f"{self.error.filename}: cannot read to hash it ({self.error.strerror})")
         assert self.result is not None
         return self.result
 

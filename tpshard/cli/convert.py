@@ -19,6 +19,7 @@ class DType(StrEnum):
 class MergeFormat(StrEnum):
     pt = "pt"
     safetensors = "safetensors"
+    hf = "hf"
 
 
 def _files_table(title: str, manifest, directory: Path) -> Table:
@@ -79,7 +80,12 @@ def split(
 def merge(
     shards: Path = typer.Argument(..., help="Shard directory written by split or reshard.", callback=existing),
     out: Path = typer.Option(..., "-o", "--out", help="Dense checkpoint to write.", callback=existing),
-    format: MergeFormat = typer.Option(MergeFormat.pt, "--format", help="pt: nanoGPT ckpt.pt; safetensors."),
+    format: MergeFormat = typer.Option(
+        MergeFormat.pt,
+        "--format",
+        help="pt: nanoGPT ckpt.pt; safetensors: one dense file; hf: a Hugging Face GPT-2 directory "
+        "(config.json + model.safetensors) that transformers' GPT2LMHeadModel.from_pretrained loads.",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Reassemble the dense checkpoint from SHARDS, bit for bit.
@@ -89,17 +95,21 @@ def merge(
     sample.py loads; its optimizer entry is None, since shards carry no optimizer state.
     """
     from tpshard.checkpoint import save_checkpoint, save_safetensors
+    from tpshard.hf import save_hf
     from tpshard.shards import ShardSet, merge_shards
 
     if out.exists() and not force:
         raise TpshardError(f"{out}: already exists; choose another output or pass --force to replace it")
-    if out.is_dir():
+    if out.is_dir() and format is not MergeFormat.hf:
         raise TpshardError(f"{out}: is a directory, expected a file name for the merged checkpoint")
     shard_set = ShardSet.open(shards)
     total = sum(f["bytes"] for f in shard_set.manifest.files)
     with byte_progress("verify checksums", total) as progress:
         ckpt = merge_shards(shard_set, progress=progress)
-    (save_checkpoint if format is MergeFormat.pt else save_safetensors)(ckpt, out)
+    if format is MergeFormat.hf:
+        save_hf(ckpt, out, force=force)
+    else:
+        (save_checkpoint if format is MergeFormat.pt else save_safetensors)(ckpt, out)
     stdout.print(f"merged {shard_set.tp_size} shards -> {out} ({format.value}, checksums verified)")
 
 
