@@ -16,7 +16,7 @@ from tpshard.checkpoint import load_checkpoint
 from tpshard.errors import TpshardError
 from tpshard.hf import hf_state_dict, load_hf
 
-HF = dict(vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=6, layer_norm_epsilon=1e-5)
+HF = dict(vocab_size=300, n_positions=32, n_embd=48, n_layer=2, n_head=6, layer_norm_epsilon=1e-5)
 # fp32 throughout. tpshard and the references run the same operations in a different order
 # (fused vs unfused bias adds, SDPA vs explicit softmax), so logits of size ~1 agree to ~1e-6;
 # 1e-5 is ten times that and still far below the activation difference tested below (~1e-3).
@@ -161,3 +161,33 @@ def test_against_transformers(tmp_path: Path) -> None:
         save_hf(ckpt, tmp_path / "out")
         again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
         torch.testing.assert_close(again(idx).logits, expected, atol=0, rtol=0)
+
+
+def write_hf_vocab(folder: Path) -> None:
+    """A tiny GPT-2-format BPE: the 256 byte tokens in GPT-2's order, then three merges."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    order = printable + [b for b in range(256) if b not in printable]
+    to_char = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(order[len(printable) :])}
+    space = to_char[ord(" ")]
+    merges = [("h", "e"), (space, "t"), (space + "t", "he")]
+    vocab = {to_char[b]: rank for rank, b in enumerate(order)}
+    for first, second in merges:
+        vocab[first + second] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def test_hf_vocab_tokenizes_offline_and_ships_with_shards(tmp_path: Path) -> None:
+    from tpshard.tokenizer import find_tokenizer
+
+    source = write_hf_dir(tmp_path / "gpt2", random_hf_state(seed=4))
+    write_hf_vocab(source)
+    tok = find_tokenizer(source / "model.safetensors", dataset=None, vocab_size=HF["vocab_size"])
+    ids = tok.encode("the the")
+    assert ids[-1] == 258 and tok.decode(ids) == "the the"  # " the" is the last merge, one token
+    shards = tmp_path / "shards"
+    subprocess.run([sys.executable, "-m", "tpshard", "split", str(source), "--tp", "2", "-o", str(shards)], check=True)
+    assert (shards / "gpt2.tiktoken").is_file()
+    shipped = find_tokenizer(shards, dataset=None, vocab_size=HF["vocab_size"])
+    assert shipped.encode("the the") == ids

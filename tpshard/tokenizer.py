@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import tiktoken
+import tiktoken.load
 
 from tpshard.errors import TpshardError
 
@@ -86,9 +87,18 @@ class CharTokenizer(Tokenizer):
 class TiktokenTokenizer(Tokenizer):
     """A tiktoken Encoding: GPT-2's, or one built from a .tiktoken ranks file."""
 
-    def __init__(self, encoding: tiktoken.Encoding, name: str, source: Path | None):
+    def __init__(
+        self, encoding: tiktoken.Encoding, name: str, source: Path | None, ranks: dict[bytes, int] | None = None
+    ):
         self.encoding, self.name, self.source = encoding, name, source
         self.vocab_size = encoding.n_vocab
+        self.ranks = ranks  # kept when there is no single file to copy: see save_ranks
+
+    def save_ranks(self, path: Path) -> None:
+        """Write the BPE as a .tiktoken ranks file (special tokens are not part of that format)."""
+        if self.ranks is None:
+            raise TpshardError(f"{self.name}: no ranks to save")
+        tiktoken.load.dump_tiktoken_bpe(self.ranks, str(path))
 
     def encode(self, text: str) -> list[int]:
         # like nanoGPT's sample.py: a literal <|endoftext|> in a prompt is the special token (gpt2 only)
@@ -225,6 +235,29 @@ def _check_reachable(host: str, timeout: float = 5.0) -> None:
 # ---------------------------------------------------------------------------------------------- search
 
 
+HF_VOCAB_FILES = ("vocab.json", "merges.txt")
+
+
+def load_hf_vocab(folder: Path) -> Tokenizer:
+    """GPT-2's BPE from a Hugging Face directory's vocab.json + merges.txt: the same data as tiktoken's
+    gpt2 files (encoder.json, vocab.bpe), converted by tiktoken itself, so an HF GPT-2 runs offline."""
+    vocab, merges = (folder / name for name in HF_VOCAB_FILES)
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # tiktoken caches even local files by path; read them afresh
+    try:
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(merges), str(vocab))
+    except (OSError, ValueError, KeyError, AssertionError) as e:
+        raise TpshardError(f"{folder}: vocab.json / merges.txt are not a GPT-2 BPE ({type(e).__name__}: {e})") from None
+    finally:
+        if cache is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = cache
+    special = {"<|endoftext|>": len(ranks)}
+    encoding = tiktoken.Encoding("gpt2-hf", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    return TiktokenTokenizer(encoding, f"GPT-2 BPE from {vocab} + {merges.name}", None, ranks)
+
+
 def load_tokenizer_file(path: Path | str) -> Tokenizer:
     """A meta.pkl or a .tiktoken file, told apart by suffix, else by content (pickles start with 0x80)."""
     path = Path(path)
@@ -272,6 +305,8 @@ def _search(checkpoint: Path, dataset: str | None, vocab_size: int, explicit: Pa
     if len(ranks_files) > 1:
         names = ", ".join(p.name for p in ranks_files)
         raise TpshardError(f"{folder}: several .tiktoken files ({names}); say which: --tokenizer FILE")
+    if all((folder / name).is_file() for name in HF_VOCAB_FILES):
+        return load_hf_vocab(folder)
     if vocab_size in GPT2_VOCAB_SIZES:
         return gpt2()
     raise TpshardError(

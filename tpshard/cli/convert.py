@@ -1,5 +1,6 @@
 """`tpshard split`, `merge` and `reshard`: the shard set on disk."""
 
+import tempfile
 from enum import StrEnum
 from pathlib import Path
 
@@ -33,6 +34,26 @@ def _files_table(title: str, manifest, directory: Path) -> Table:
     return table
 
 
+def _tokenizer_to_ship(ckpt, explicit: Path | None, scratch: Path) -> Path | None:
+    """The tokenizer file that goes into the shard set, so that it is self-contained."""
+    from tpshard.tokenizer import find_tokenizer
+
+    try:
+        tok = find_tokenizer(
+            ckpt.path, dataset=ckpt.train_config.get("dataset"), vocab_size=ckpt.config.vocab_size, explicit=explicit
+        )
+    except TpshardError:
+        if explicit is not None:
+            raise
+        stderr.print("[yellow]note:[/] no tokenizer found beside the checkpoint; the shard set ships without one")
+        return None
+    if tok.source is None and getattr(tok, "ranks", None) is not None:  # e.g. an HF vocab.json + merges.txt
+        ranks_file = scratch / "gpt2.tiktoken"
+        tok.save_ranks(ranks_file)
+        return ranks_file
+    return tok.source
+
+
 @app.command()
 def split(
     checkpoint: Path = typer.Argument(..., help="nanoGPT ckpt.pt (as train.py writes it).", callback=existing),
@@ -50,22 +71,12 @@ def split(
     """
     from tpshard.checkpoint import load_checkpoint
     from tpshard.shards import DTYPES, split_checkpoint
-    from tpshard.tokenizer import find_tokenizer
 
     ckpt = load_checkpoint(checkpoint)
-    try:
-        tok = find_tokenizer(
-            checkpoint, dataset=ckpt.train_config.get("dataset"), vocab_size=ckpt.config.vocab_size, explicit=tokenizer
-        )
-        tokenizer_file = tok.source
-    except TpshardError:
-        if tokenizer is not None:
-            raise
-        tokenizer_file = None
-        stderr.print("[yellow]note:[/] no tokenizer found beside the checkpoint; the shard set ships without one")
     target = DTYPES[dtype.value] if dtype else None
     total = tp * sum(t.numel() * (target or ckpt.dtype).itemsize for t in ckpt.state_dict.values())
-    with byte_progress(f"split into {tp}", total) as progress:
+    with tempfile.TemporaryDirectory() as scratch, byte_progress(f"split into {tp}", total) as progress:
+        tokenizer_file = _tokenizer_to_ship(ckpt, tokenizer, Path(scratch))
         manifest = split_checkpoint(
             ckpt, tp, out, dtype=target, force=force, tokenizer_file=tokenizer_file, progress=progress
         )
