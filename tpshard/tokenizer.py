@@ -98,7 +98,9 @@ class TiktokenTokenizer(Tokenizer):
         """Write the BPE as a .tiktoken ranks file (special tokens are not part of that format)."""
         if self.ranks is None:
             raise TpshardError(f"{self.name}: no ranks to save")
-        tiktoken.load.dump_tiktoken_bpe(self.ranks, str(path))
+        # by hand: tiktoken's dump_tiktoken_bpe writes through the optional blobfile package
+        by_rank = sorted(self.ranks.items(), key=lambda item: item[1])
+        path.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in by_rank))
 
     def encode(self, text: str) -> list[int]:
         # like nanoGPT's sample.py: a literal <|endoftext|> in a prompt is the special token (gpt2 only)
