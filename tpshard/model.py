@@ -8,6 +8,10 @@ slices side by side (rank-major), so one definition serves every runtime:
 - simulated:   tp_size N, local ranks (0..N-1)  -> every rank's slice in one process
 - distributed: tp_size N, local ranks (r,)      -> one rank's slice; the reduction talks to the group
 
+With a vocab-parallel placement the embedding table is split by vocabulary rows as well: each rank
+looks up the tokens in its range (zeros elsewhere), those partial embeddings are reduced like the
+others, and the tied lm_head gives each rank the logits of its slice, which are gathered.
+
 Attention's c_attn and the MLP's c_fc are column-parallel (each rank computes its own heads / hidden
 units, no communication); the two c_proj are row-parallel: each rank multiplies its slice of the input
 by its slice of the weight, giving a partial sum of the full output. Those partials are reduced (the
@@ -49,20 +53,28 @@ class Placement:
 
     tp_size: int = 1
     ranks: tuple[int, ...] = (0,)
+    vocab_parallel: bool = False
 
     @classmethod
-    def simulated(cls, tp_size: int) -> "Placement":
-        return cls(tp_size, tuple(range(tp_size)))
+    def simulated(cls, tp_size: int, vocab_parallel: bool = False) -> "Placement":
+        return cls(tp_size, tuple(range(tp_size)), vocab_parallel)
 
 
 DENSE = Placement()
 
 # partials [local_ranks, B, T, C] -> full output [B, T, C]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+# this process's vocab-sliced logits [B, T, local_ranks * slice] -> every rank's [B, T, tp_size * slice]
+Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
 def sum_local_ranks(partials: torch.Tensor) -> torch.Tensor:
     return partials.sum(0)
+
+
+def local_logits(logits: torch.Tensor) -> torch.Tensor:
+    """No gather needed: this process holds every rank's slice (dense, simulated)."""
+    return logits
 
 
 def row_parallel(x: torch.Tensor, linear: nn.Linear, reduce: Reduce) -> torch.Tensor:
@@ -158,30 +170,46 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig, placement: Placement = DENSE, reduce: Reduce = sum_local_ranks):
+    def __init__(
+        self,
+        config: GPTConfig,
+        placement: Placement = DENSE,
+        reduce: Reduce = sum_local_ranks,
+        gather: Gather = local_logits,
+    ):
         super().__init__()
         check_divides(config, placement.tp_size)
         self.config = config
         self.placement = placement
         self.reduce = reduce
+        self.gather = gather
+        vocab_rows = config.vocab_size
+        if placement.vocab_parallel:
+            self.vocab_slice = -(-config.vocab_size // placement.tp_size)  # padded up
+            vocab_rows = self.vocab_slice * len(placement.ranks)
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wte=nn.Embedding(vocab_rows, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 h=nn.ModuleList([Block(config, placement) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, vocab_rows, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as in nanoGPT
 
     @classmethod
     def from_state_dict(
-        cls, config: GPTConfig, state_dict: dict, placement: Placement = DENSE, reduce: Reduce = sum_local_ranks
+        cls,
+        config: GPTConfig,
+        state_dict: dict,
+        placement: Placement = DENSE,
+        reduce: Reduce = sum_local_ranks,
+        gather: Gather = local_logits,
     ) -> "GPT":
         """Adopt the tensors as parameters without copying them (they may be memory-mapped)."""
         with torch.device("meta"):
-            model = cls(config, placement, reduce)
+            model = cls(config, placement, reduce, gather)
         model.load_state_dict(state_dict, assign=True)
         model.transformer.wte.weight = model.lm_head.weight  # assign replaced the tied parameter
         return model.eval()
@@ -204,7 +232,7 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        x = self.embed(idx) + self.transformer.wpe(pos)
         if hidden_states is not None:
             hidden_states.append(x)
         for layer, block in enumerate(self.transformer.h):
@@ -216,7 +244,22 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(x)
+        logits = self.lm_head(x)
+        if self.placement.vocab_parallel:
+            logits = self.gather(logits)[..., : self.config.vocab_size]  # drop the padding rows' logits
+        return logits
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        if not self.placement.vocab_parallel:
+            return self.transformer.wte(idx)
+        # each local rank looks up the tokens of its vocabulary slice; the others contribute zeros
+        S, ranks = self.vocab_slice, self.placement.ranks
+        first = torch.tensor(ranks, device=idx.device)[:, None, None] * S  # (R, 1, 1)
+        local = idx[None] - first  # (R, B, T) ids within each rank's slice
+        inside = (local >= 0) & (local < S)
+        rows = local.clamp(0, S - 1) + torch.arange(len(ranks), device=idx.device)[:, None, None] * S
+        partials = self.transformer.wte(rows) * inside[..., None]
+        return self.reduce(partials)
 
 
 def check_divides(config: GPTConfig, tp_size: int) -> None:

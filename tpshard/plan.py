@@ -7,6 +7,10 @@ all read them from here.
     mlp.c_proj    weight         row: rank r holds input columns of its hidden units
     c_proj biases                replicated, added once after the reduction
     everything else              replicated (LayerNorms, wpe, wte; lm_head is tied to wte)
+
+With vocab_parallel (Megatron's VocabParallelEmbedding), wte (and so the tied lm_head) is split by
+vocabulary rows instead, padded with zero rows to a multiple of N: an extra reduction sums the
+embeddings, and the vocab-sliced logits are gathered.
 """
 
 from enum import StrEnum
@@ -15,19 +19,21 @@ import torch
 
 from tpshard.model import GPT, GPTConfig, Placement
 
-TIED = {"lm_head.weight": "transformer.wte.weight"}  # stored once, under the embedding's name
+EMBEDDING = "transformer.wte.weight"
+TIED = {"lm_head.weight": EMBEDDING}  # stored once, under the embedding's name
 
 
 class Rule(StrEnum):
     QKV_COLUMN = "qkv_column"
     COLUMN = "column"
     ROW = "row"
+    VOCAB = "vocab"
     REPLICATED = "replicated"
 
     @property
     def dim(self) -> int | None:
         """The dimension split across ranks, None when every rank holds the whole tensor."""
-        return {Rule.QKV_COLUMN: 0, Rule.COLUMN: 0, Rule.ROW: 1}.get(self)
+        return {Rule.QKV_COLUMN: 0, Rule.COLUMN: 0, Rule.ROW: 1, Rule.VOCAB: 0}.get(self)
 
     @property
     def describe(self) -> str:
@@ -35,6 +41,7 @@ class Rule(StrEnum):
             Rule.QKV_COLUMN: "column, per head (q,k,v)",
             Rule.COLUMN: "column",
             Rule.ROW: "row",
+            Rule.VOCAB: "vocab rows (padded)",
             Rule.REPLICATED: "replicated",
         }[self]
 
@@ -49,7 +56,9 @@ _RULES = {
 }
 
 
-def rule_for(name: str) -> Rule:
+def rule_for(name: str, vocab_parallel: bool = False) -> Rule:
+    if vocab_parallel and name == EMBEDDING:
+        return Rule.VOCAB
     for suffix, rule in _RULES.items():
         if name.endswith("." + suffix):
             return rule
@@ -63,22 +72,37 @@ def dense_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in TIED}
 
 
-def shard(name: str, tensor: torch.Tensor, rank: int, tp_size: int) -> torch.Tensor:
+def vocab_slice(vocab_size: int, tp_size: int) -> int:
+    """Rows of the embedding per rank when split by vocabulary (padded up)."""
+    return -(-vocab_size // tp_size)
+
+
+def shard(name: str, tensor: torch.Tensor, rank: int, tp_size: int, vocab_parallel: bool = False) -> torch.Tensor:
     """Rank `rank`'s piece of a dense tensor (a view where the layout allows)."""
-    rule = rule_for(name)
+    rule = rule_for(name, vocab_parallel)
     if rule is Rule.REPLICATED or tp_size == 1:
         return tensor
+    if rule is Rule.VOCAB:  # rows [r*S, (r+1)*S), zero rows past the real vocabulary
+        rows = vocab_slice(tensor.size(0), tp_size)
+        piece = tensor[rank * rows : (rank + 1) * rows]
+        padding = piece.new_zeros(rows - piece.size(0), *tensor.shape[1:])
+        return torch.cat([piece, padding]) if padding.numel() else piece
     if rule is Rule.QKV_COLUMN:  # [3C, ...] -> (q, k, v) x ranks -> this rank's q, k, v rows
         per_part = tensor.view(3, tp_size, -1, *tensor.shape[1:])[:, rank]
         return per_part.reshape(-1, *tensor.shape[1:])
     return tensor.chunk(tp_size, dim=rule.dim)[rank]
 
 
-def unshard(name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
-    """The dense tensor from every rank's piece, in rank order (inverse of `shard`)."""
-    rule = rule_for(name)
+def unshard(
+    name: str, pieces: list[torch.Tensor], vocab_parallel: bool = False, vocab_size: int | None = None
+) -> torch.Tensor:
+    """The dense tensor from every rank's piece, in rank order (inverse of `shard`; vocab_size drops
+    the padding rows of a vocab-parallel embedding)."""
+    rule = rule_for(name, vocab_parallel)
     if rule is Rule.REPLICATED or len(pieces) == 1:
         return pieces[0]
+    if rule is Rule.VOCAB:
+        return torch.cat(pieces)[:vocab_size]
     if rule is Rule.QKV_COLUMN:
         parts = [p.view(3, -1, *p.shape[1:]) for p in pieces]
         stacked = torch.stack(parts, dim=1)  # (q, k, v) x ranks x rows
@@ -86,9 +110,9 @@ def unshard(name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(pieces, dim=rule.dim)
 
 
-def side_by_side(name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
+def side_by_side(name: str, pieces: list[torch.Tensor], vocab_parallel: bool = False) -> torch.Tensor:
     """The local ranks' pieces as one process's parameter: rank-major along the split dim (see model.py)."""
-    rule = rule_for(name)
+    rule = rule_for(name, vocab_parallel)
     if rule is Rule.REPLICATED or len(pieces) == 1:
         return pieces[0]
     return torch.cat(pieces, dim=rule.dim)
@@ -96,16 +120,25 @@ def side_by_side(name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
 
 def load_local_ranks(config: GPTConfig, placement: Placement, pieces: dict[str, list[torch.Tensor]]) -> dict:
     """A state_dict for GPT(config, placement) from each tensor's pieces of the local ranks, in rank order."""
-    state = {name: side_by_side(name, ranks) for name, ranks in pieces.items()}
+    state = {name: side_by_side(name, ranks, placement.vocab_parallel) for name, ranks in pieces.items()}
     for tied, source in TIED.items():
         state[tied] = state[source]
     return state
 
 
-def piece_shape(name: str, dense_shape: tuple[int, ...], tp_size: int) -> tuple[int, ...]:
-    dim = rule_for(name).dim
-    if dim is None:
-        return tuple(dense_shape)
+def piece_shape(
+    name: str, dense_shape: tuple[int, ...], tp_size: int, vocab_parallel: bool = False
+) -> tuple[int, ...]:
+    rule = rule_for(name, vocab_parallel)
     shape = list(dense_shape)
-    shape[dim] //= tp_size
+    if rule is Rule.VOCAB:
+        shape[0] = vocab_slice(shape[0], tp_size)
+    elif rule.dim is not None:
+        shape[rule.dim] //= tp_size
     return tuple(shape)
+
+
+def sync_points(config: GPTConfig, vocab_parallel: bool = False) -> int:
+    """Reductions per forward: after attention and after the MLP in every block, plus the embedding's
+    when the vocabulary is split."""
+    return 2 * config.n_layer + int(vocab_parallel)

@@ -49,7 +49,7 @@ def sharded_model(
     dtype: torch.dtype | None = None,
 ) -> GPT:
     """A GPT holding the given ranks' slices, read from their files only (simulated: all ranks)."""
-    placement = Placement(shards.tp_size, tuple(ranks))
+    placement = Placement(shards.tp_size, tuple(ranks), shards.manifest.vocab_parallel)
     pieces = shards.load_pieces(list(ranks))
     state = plan.load_local_ranks(shards.manifest.config, placement, pieces)
     model = GPT.from_state_dict(shards.manifest.config, state, placement, reduce or CountingReduce())

@@ -164,6 +164,7 @@ class Manifest:
     source: dict
     tokenizer: str | None = None
     format_version: int = FORMAT_VERSION
+    vocab_parallel: bool = False
 
     def to_json(self) -> dict:
         return {
@@ -172,6 +173,8 @@ class Manifest:
             "tp_size": self.tp_size,
             "model_args": asdict(self.config),  # everything, activation included
             "dtype": DTYPE_NAMES[self.dtype],
+            "vocab_parallel": self.vocab_parallel,
+            "vocab_padding": self.vocab_padding,
             "tied": plan.TIED,
             "tensors": self.tensors,
             "files": self.files,
@@ -182,17 +185,30 @@ class Manifest:
     def layout(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         """Every rank file's tensors: name, dtype and piece shape (the same for every rank)."""
         return [
-            (name, self.dtype, plan.piece_shape(name, tuple(t["shape"]), self.tp_size))
+            (name, self.dtype, plan.piece_shape(name, tuple(t["shape"]), self.tp_size, self.vocab_parallel))
             for name, t in self.tensors.items()
         ]
+
+    @property
+    def vocab_padding(self) -> int:
+        """Zero rows appended to a vocab-parallel embedding (dropped again on merge)."""
+        if not self.vocab_parallel:
+            return 0
+        return plan.vocab_slice(self.config.vocab_size, self.tp_size) * self.tp_size - self.config.vocab_size
+
+    def unshard(self, name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
+        return plan.unshard(name, pieces, self.vocab_parallel, self.config.vocab_size)
 
     def dense_bytes(self) -> int:
         return sum(self.dtype.itemsize * int(torch.Size(t["shape"]).numel()) for t in self.tensors.values())
 
 
-def tensor_table(config: GPTConfig) -> dict[str, dict]:
+def tensor_table(config: GPTConfig, vocab_parallel: bool = False) -> dict[str, dict]:
     shapes = plan.dense_shapes(config)
-    return {name: {"rule": plan.rule_for(name).value, "shape": list(shape)} for name, shape in shapes.items()}
+    return {
+        name: {"rule": plan.rule_for(name, vocab_parallel).value, "shape": list(shape)}
+        for name, shape in shapes.items()
+    }
 
 
 def write_shard_set(
@@ -235,6 +251,7 @@ def split_checkpoint(
     out_dir: Path,
     *,
     dtype: torch.dtype | None = None,
+    vocab_parallel: bool = False,
     force: bool = False,
     tokenizer_file: Path | None = None,
     progress: Progress | None = None,
@@ -247,13 +264,14 @@ def split_checkpoint(
         tp_size=tp_size,
         config=checkpoint.config,
         dtype=dtype,
-        tensors=tensor_table(checkpoint.config),
+        tensors=tensor_table(checkpoint.config, vocab_parallel),
         files=[],
         source={},
+        vocab_parallel=vocab_parallel,
     )
 
     def piece(name: str, rank: int) -> torch.Tensor:
-        return plan.shard(name, checkpoint.state_dict[name], rank, tp_size).to(dtype)
+        return plan.shard(name, checkpoint.state_dict[name], rank, tp_size, vocab_parallel).to(dtype)
 
     def describe_source() -> dict:
         return {
@@ -297,7 +315,9 @@ def parse_manifest(data: object, where: Path) -> Manifest:
     _require(data["dtype"] in DTYPES, where, f"dtype {data['dtype']!r} unknown")
     config = config_from_model_args(data["model_args"], where)
     check_tp(config, tp_size)
-    expected = tensor_table(config)
+    vocab_parallel = data.get("vocab_parallel", False)
+    _require(isinstance(vocab_parallel, bool), where, f"vocab_parallel {vocab_parallel!r}")
+    expected = tensor_table(config, vocab_parallel)
     _require(data["tensors"] == expected, where, "tensor table disagrees with model_args and the split rules")
     files = data["files"]
     _require(len(files) == tp_size, where, f"{len(files)} files listed for tp_size {tp_size}")
@@ -316,7 +336,7 @@ def parse_manifest(data: object, where: Path) -> Manifest:
     _require(plain, where, f"tokenizer {tokenizer!r}")
     source = data.get("source", {})
     _require(isinstance(source, dict), where, "source is not an object")
-    return Manifest(tp_size, config, DTYPES[data["dtype"]], expected, files, source, tokenizer, version)
+    return Manifest(tp_size, config, DTYPES[data["dtype"]], expected, files, source, tokenizer, version, vocab_parallel)
 
 
 @dataclass
@@ -405,7 +425,7 @@ def merge_shards(shards: ShardSet, *, progress: Progress | None = None) -> Check
     for rank in range(shards.tp_size):
         shards.check_file(rank, progress=progress)
     pieces = shards.load_pieces(list(range(shards.tp_size)), checksum=False)
-    state = {name: plan.unshard(name, ranks).contiguous() for name, ranks in pieces.items()}
+    state = {name: shards.manifest.unshard(name, ranks).contiguous() for name, ranks in pieces.items()}
     for tied, source in plan.TIED.items():
         state[tied] = state[source]
     src = shards.manifest.source
@@ -431,11 +451,11 @@ def reshard(
         shards.check_file(rank)
     old = shards.load_pieces(list(range(shards.tp_size)), checksum=False)
     m = shards.manifest
-    manifest = Manifest(tp_size, m.config, m.dtype, m.tensors, [], {})
+    manifest = Manifest(tp_size, m.config, m.dtype, m.tensors, [], {}, vocab_parallel=m.vocab_parallel)
     return write_shard_set(
         out_dir,
         manifest,
-        lambda name, rank: plan.shard(name, plan.unshard(name, old[name]), rank, tp_size),
+        lambda name, rank: plan.shard(name, m.unshard(name, old[name]), rank, tp_size, m.vocab_parallel),
         lambda: {**m.source, "resharded_from_tp": m.tp_size},
         force=force,
         tokenizer_file=shards.tokenizer_path,

@@ -61,6 +61,12 @@ def split(
     out: Path = typer.Option(..., "-o", "--out", help="Output directory for the shard set.", callback=existing),
     dtype: DType | None = typer.Option(None, help="Store the shards in this dtype [default: the checkpoint's]."),
     tokenizer: Path | None = typer.Option(None, help="Tokenizer to ship with the shards (meta.pkl or .tiktoken)."),
+    vocab_parallel: bool = typer.Option(
+        False,
+        "--vocab-parallel",
+        help="Also split wte / lm_head by vocabulary rows (Megatron's VocabParallelEmbedding), padded to a "
+        "multiple of N: each rank holds 1/N of the largest tensor, at the cost of one more reduction per forward.",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Split CHECKPOINT into N Megatron-style rank files plus a checksummed manifest.
@@ -78,9 +84,17 @@ def split(
     with tempfile.TemporaryDirectory() as scratch, byte_progress(f"split into {tp}", total) as progress:
         tokenizer_file = _tokenizer_to_ship(ckpt, tokenizer, Path(scratch))
         manifest = split_checkpoint(
-            ckpt, tp, out, dtype=target, force=force, tokenizer_file=tokenizer_file, progress=progress
+            ckpt,
+            tp,
+            out,
+            dtype=target,
+            vocab_parallel=vocab_parallel,
+            force=force,
+            tokenizer_file=tokenizer_file,
+            progress=progress,
         )
-    stdout.print(_files_table(f"{checkpoint} -> {out} (tp {tp}, {dtype or 'source dtype'})", manifest, out))
+    layout = f"tp {tp}, {dtype or 'source dtype'}" + (", vocab-parallel" if vocab_parallel else "")
+    stdout.print(_files_table(f"{checkpoint} -> {out} ({layout})", manifest, out))
     if ckpt.has_optimizer:
         stdout.print("optimizer state left out (not needed for inference; it was never read)")
     if manifest.tokenizer:
