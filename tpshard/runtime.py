@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from tpshard import plan
-from tpshard.model import GPT, Placement
+from tpshard.model import GPT, Gather, Placement, local_logits
 from tpshard.shards import ShardSet
 
 
@@ -45,12 +45,14 @@ def sharded_model(
     ranks: list[int],
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     *,
+    gather: Gather = local_logits,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> GPT:
-    """A GPT holding the given ranks' slices, read from their files only (simulated: all ranks)."""
+    """A GPT holding the given ranks' slices, read from their files only (simulated: all ranks).
+    gather: how a vocab-parallel set's logits are collected from the other processes."""
     placement = Placement(shards.tp_size, tuple(ranks), shards.manifest.vocab_parallel)
     pieces = shards.load_pieces(list(ranks))
     state = plan.load_local_ranks(shards.manifest.config, placement, pieces)
-    model = GPT.from_state_dict(shards.manifest.config, state, placement, reduce or CountingReduce())
+    model = GPT.from_state_dict(shards.manifest.config, state, placement, reduce or CountingReduce(), gather)
     return model.to(device=device, dtype=dtype)
