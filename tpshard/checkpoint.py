@@ -4,10 +4,17 @@ Loading never unpickles code (weights_only=True) and memory-maps the file, so th
 often twice the model's size, is never read from disk.
 """
 
+import contextlib
+import fcntl
 import json
+import math
 import os
 import pickle
+import re
+import shutil
 import tempfile
+import time
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,12 +24,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from tpshard.errors import TpshardError
-from tpshard.model import GPT, GPTConfig, check_divides
+from tpshard.model import GPT, GPTConfig
 from tpshard.plan import TIED, dense_shapes
 
 COMPILE_PREFIX = "_orig_mod."  # left by torch.compile
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
 EXTENSIONS = ("activation", "layer_norm_epsilon")  # GPTConfig fields nanoGPT lacks
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what safetensors shards hold
+MIN_TENSORS_PER_LAYER = 6  # bias=False: ln_1, c_attn, c_proj, ln_2, c_fc, c_proj weights
+MAX_PLAIN_ITEMS = 100_000  # values in a checkpoint's training config, counted as written out
+ORPHAN_AGE_S = 60  # an unlocked temporary output untouched this long was left by a killed run
 
 
 @dataclass
@@ -55,22 +66,52 @@ def read_checkpoint_file(path: Path) -> dict:
         raise TpshardError(f"{path}: is a directory, expected a checkpoint file (ckpt.pt)")
     if path.stat().st_size == 0:
         raise TpshardError(f"{path}: file is empty")
-    if not zipfile.is_zipfile(path):
+    if not _is_zip(path):
         raise TpshardError(
             f"{path}: not a PyTorch checkpoint (no zip archive: truncated, or saved in the legacy format; "
             "re-save it with torch.save)"
         )
+    _check_uncompressed(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error line says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0]
         raise TpshardError(
             f"{path}: refused to unpickle: the file holds more than tensors and plain data ({first[:200]}); "
             "tpshard never runs code from a checkpoint"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise TpshardError(f"{path}: unreadable checkpoint ({first[:200]}); is the file truncated?") from None
+    except Exception as e:  # a damaged pickle fails in the unpickler's own ways: KeyError, TypeError, IndexError...
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise TpshardError(
+            f"{path}: unreadable checkpoint ({type(e).__name__}: {first[:200]}); is the file truncated or damaged?"
+        ) from None
+
+
+def _check_uncompressed(path: Path) -> None:
+    """torch.save stores every record as is. A compressed one is inflated whole into memory when torch
+    reads it: a 1 MB file can hold a 1 GB record. Refused from the zip directory, before torch opens it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            packed = [i for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except Exception as e:  # zipfile's many ways of failing: BadZipFile, EOFError, NotImplementedError...
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise TpshardError(f"{path}: unreadable zip archive ({type(e).__name__}: {first}); is it damaged?") from None
+    if packed:
+        raise TpshardError(
+            f"{path}: {packed[0].filename} is compressed ({packed[0].file_size:,} bytes inflated), which "
+            "torch.save never does; refused unread (re-save the checkpoint with torch.save)"
+        )
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:  # raised, not answered False, for some damaged end records
+        return False
+    except OSError as e:
+        raise TpshardError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def config_from_model_args(model_args: object, path: Path) -> GPTConfig:
@@ -103,12 +144,19 @@ def clean_state_dict(raw: dict, config: GPTConfig, path: Path) -> dict[str, torc
     and check every shape against model_args."""
     state = {}
     for name, tensor in raw.items():
+        if not isinstance(name, str):
+            raise TpshardError(f"{path}: model entry {name!r} is not named by a string; is this a nanoGPT checkpoint?")
         name = name.removeprefix(COMPILE_PREFIX)
         if name.endswith(".attn.bias") and not name.endswith("c_attn.bias"):
             continue  # causal mask buffer, present when flash attention was unavailable
         if not isinstance(tensor, torch.Tensor):
             raise TpshardError(f"{path}: model entry {name!r} is not a tensor")
         state[name] = tensor
+    if MIN_TENSORS_PER_LAYER * config.n_layer > len(state):  # before dense_shapes builds n_layer entries
+        raise TpshardError(
+            f"{path}: model_args n_layer={config.n_layer} but the model has only {len(state)} tensors; "
+            "is this a nanoGPT checkpoint?"
+        )
     expected = dense_shapes(config)
     if "lm_head.weight" not in state and "transformer.wte.weight" in state:
         state["lm_head.weight"] = state["transformer.wte.weight"]
@@ -120,14 +168,29 @@ def clean_state_dict(raw: dict, config: GPTConfig, path: Path) -> dict[str, torc
     for name, shape in expected.items():
         if tuple(state[name].shape) != shape:
             raise TpshardError(f"{path}: {name} has shape {tuple(state[name].shape)}, model_args imply {shape}")
-        if not state[name].is_floating_point():
-            raise TpshardError(f"{path}: {name} has dtype {state[name].dtype}, expected a float tensor")
+        if state[name].dtype not in SUPPORTED_DTYPES or state[name].layout != torch.strided:
+            raise TpshardError(
+                f"{path}: {name} is a {state[name].dtype} {state[name].layout} tensor, expected a dense float "
+                "tensor (float32, float16, bfloat16 or float64)"
+            )
+        _check_stored(state[name], name, path)
     for tied, source in TIED.items():
         shared = state[tied].data_ptr() == state[source].data_ptr() and state[tied].stride() == state[source].stride()
         if not shared and not torch.equal(state[tied], state[source]):
             raise TpshardError(f"{path}: {tied} differs from {source}; tpshard expects them tied as in nanoGPT")
         state[tied] = state[source]
     return state
+
+
+def _check_stored(tensor: torch.Tensor, name: str, path: Path) -> None:
+    """Every element stored once: an expanded tensor (stride 0) is a few bytes in the file that claim any
+    shape at all, and splitting copies it out whole; a forged one could claim terabytes."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes > tensor.untyped_storage().nbytes():
+        raise TpshardError(
+            f"{path}: {name} claims {nbytes:,} bytes but stores {tensor.untyped_storage().nbytes():,} "
+            "(an expanded or overlapping tensor); expected plain weights"
+        )
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -142,21 +205,72 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         return hf.load_hf(path)
     raw = read_checkpoint_file(path)
     if not isinstance(raw, dict) or "model" not in raw or "model_args" not in raw:
-        keys = sorted(raw)[:6] if isinstance(raw, dict) else type(raw).__name__
+        keys = sorted(repr(k)[:40] for k in raw)[:6] if isinstance(raw, dict) else type(raw).__name__
         raise TpshardError(f"{path}: not a nanoGPT checkpoint (needs 'model' and 'model_args'; found {keys})")
     if not isinstance(raw["model"], dict):
         raise TpshardError(f"{path}: 'model' is not a state_dict")
     config = config_from_model_args(raw["model_args"], path)
-    best = raw.get("best_val_loss")
+    optimizer = raw.get("optimizer")
     return Checkpoint(
         path=path,
         config=config,
         state_dict=clean_state_dict(raw["model"], config, path),
-        iter_num=raw.get("iter_num"),
-        best_val_loss=float(best) if best is not None else None,
-        train_config=raw.get("config") or {},
-        has_optimizer="optimizer" in raw,
+        **bookkeeping(raw, path),
+        # merge writes None: nothing to leave out (and a tensor's truth value would raise)
+        has_optimizer=optimizer is not None and not (isinstance(optimizer, dict | list) and not optimizer),
     )
+
+
+def bookkeeping(fields: dict, path: Path) -> dict:
+    """iter_num, best_val_loss and the training config, checked: the manifest keeps them as JSON."""
+    return {
+        "iter_num": _int_or_none(fields.get("iter_num"), path),
+        "best_val_loss": _float_or_none(fields.get("best_val_loss"), path),
+        "train_config": plain_config(fields.get("config"), path),
+    }
+
+
+def _int_or_none(value: object, path: Path) -> int | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise TpshardError(f"{path}: iter_num is a {type(value).__name__}, expected an int")
+
+
+def _float_or_none(value: object, path: Path) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:  # estimate_loss() returns a 0-d tensor
+        value = value.item()
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise TpshardError(f"{path}: best_val_loss is a {type(value).__name__}, expected a number")
+
+
+def plain_config(config: object, path: Path) -> dict:
+    """The training config as plain JSON data. Walked as a tree and bounded: a pickle can reference one
+    list from itself many times over, a few bytes that would expand to billions of values as JSON."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise TpshardError(f"{path}: 'config' is a {type(config).__name__}, expected a dict of training settings")
+    left = MAX_PLAIN_ITEMS
+    todo: list[object] = [config]
+    while todo:
+        value = todo.pop()
+        left -= 1
+        if left < 0:
+            raise TpshardError(f"{path}: 'config' holds more than {MAX_PLAIN_ITEMS:,} values; not training settings")
+        if isinstance(value, dict):
+            if not all(isinstance(k, str) for k in value):
+                raise TpshardError(f"{path}: 'config' has a key that is not a string")
+            todo.extend(value.values())
+        elif isinstance(value, list | tuple):
+            todo.extend(value)
+        elif not (value is None or isinstance(value, str | int | float)):
+            raise TpshardError(f"{path}: 'config' holds a {type(value).__name__}; expected plain values")
+    return config
 
 
 def model_args(config: GPTConfig) -> dict:
@@ -187,14 +301,68 @@ def nanogpt_dict(checkpoint: Checkpoint) -> dict:
 def atomic_write(path: Path, write) -> None:
     """Run write(tmp_path), then rename over path: a crash leaves no half-written file under path's name."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    if path.is_dir():
+        raise TpshardError(f"{path}: is a directory, expected a file name for the output")
+    remove_orphans(path, ".tmp")
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # no such directory, read-only, ...
+        raise TpshardError(f"{path.parent}: cannot write here ({e.strerror})") from None
+    try:
+        hold(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 is for the temporary name only
         write(Path(tmp))
+        os.fsync(fd)  # the data on disk before the name points at it
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        # a full disk, say: one line, not a traceback (torch.save and safetensors raise their own types)
+        if isinstance(e, OSError | RuntimeError | SafetensorError):
+            raise TpshardError(f"{path}: writing failed ({write_failure(e)}); {path} is unchanged") from None
         raise
+    finally:
+        os.close(fd)
+
+
+def hold(fd: int) -> None:
+    """Lock a temporary output while this process writes it. The kernel drops the lock when the process
+    ends, however it ends (kill -9 included), which is how a later run tells an orphan from a live write."""
+    with contextlib.suppress(OSError):  # a file system without locks: orphans stay (no one can lock them)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def remove_orphans(out: Path, suffix: str) -> None:
+    """Delete the temporary outputs (.OUT.xxxxxxxx<suffix>, as mkstemp/mkdtemp name them) that killed runs
+    left beside out: unlocked and untouched for ORPHAN_AGE_S (a live run locks its own right after creating
+    it). Nothing else is touched; a failure to clean is no reason to fail the run."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}{re.escape(suffix)}")
+    try:
+        candidates = [p for p in out.parent.iterdir() if pattern.fullmatch(p.name)]
+    except OSError:
+        return
+    for path in candidates:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if time.time() - os.fstat(fd).st_mtime > ORPHAN_AGE_S:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        except OSError:
+            pass  # locked by its writer, or not ours to remove
+        finally:
+            os.close(fd)
+
+
+def write_failure(e: BaseException) -> str:
+    """Why a write failed, in a few words: the OS's reason, or the first line of torch's or safetensors'."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return f"{first}; is the disk full?"
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
@@ -221,23 +389,31 @@ def load_safetensors_checkpoint(path: Path) -> Checkpoint:
             meta = f.metadata() or {}
             state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not iterable)
         fields = {k: json.loads(meta[k]) for k in ("model_args", "iter_num", "best_val_loss", "config") if k in meta}
-    except (SafetensorError, json.JSONDecodeError) as e:
-        raise TpshardError(f"{path}: unreadable safetensors checkpoint ({e})") from None
+    except (SafetensorError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: JSON nested too deep
+        raise TpshardError(f"{path}: unreadable safetensors checkpoint ({str(e)[:200]})") from None
     if "model_args" not in fields:
         raise TpshardError(f"{path}: safetensors file without model_args metadata; not written by tpshard merge")
     config = config_from_model_args(fields["model_args"], path)
     return Checkpoint(
-        path=path,
-        config=config,
-        state_dict=clean_state_dict(state, config, path),
-        iter_num=fields.get("iter_num"),
-        best_val_loss=fields.get("best_val_loss"),
-        train_config=fields.get("config") or {},
+        path=path, config=config, state_dict=clean_state_dict(state, config, path), **bookkeeping(fields, path)
     )
 
 
 def check_tp(config: GPTConfig, tp_size: int) -> None:
-    try:
-        check_divides(config, tp_size)
-    except ValueError as e:
-        raise TpshardError(str(e)) from None
+    """Megatron needs whole heads and an equal share of the MLP on every rank; say which one fails."""
+    if tp_size < 1:
+        raise TpshardError(f"--tp {tp_size}: must be at least 1; valid tp sizes for this model: {_valid(config)}")
+    failing = [f"{name}={n}" for name, n in (("n_head", config.n_head), ("4*n_embd", 4 * config.n_embd)) if n % tp_size]
+    if failing:
+        raise TpshardError(
+            f"--tp {tp_size} does not divide {' nor '.join(failing)}: every rank needs whole heads; "
+            f"valid tp sizes for this model: {_valid(config)}"
+        )
+
+
+def _valid(config: GPTConfig) -> str:
+    """plan.valid_tp_sizes' list, found in sqrt(n) steps: it tries every n up to n_head, which takes
+    minutes for the n_head=10**9 of a forged manifest."""
+    n = math.gcd(config.n_head, 4 * config.n_embd)
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return ", ".join(map(str, sorted({*small, *(n // d for d in small)})))

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from tpshard.checkpoint import Checkpoint, clean_state_dict, read_checkpoint_file
+from tpshard.checkpoint import Checkpoint, clean_state_dict, config_from_model_args, read_checkpoint_file
 from tpshard.errors import TpshardError
 from tpshard.model import GPTConfig
 from tpshard.plan import TIED
@@ -22,6 +22,7 @@ from tpshard.plan import TIED
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+MAX_CONFIG_BYTES = 1 << 20  # a GPT-2 config.json is about 1 KB
 
 
 def is_hf_directory(path: Path) -> bool:
@@ -29,28 +30,34 @@ def is_hf_directory(path: Path) -> bool:
 
 
 def _config(path: Path) -> GPTConfig:
+    file = path / "config.json"
+    if file.stat().st_size > MAX_CONFIG_BYTES:  # read whole, so bounded first
+        raise TpshardError(f"{file}: {file.stat().st_size:,} bytes, too large for a GPT-2 config.json")
     try:
-        hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TpshardError(f"{path / 'config.json'}: unreadable ({e})") from None
+        hf = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # Recursion: nested too deep
+        raise TpshardError(f"{file}: unreadable ({str(e)[:200]})") from None
+    if not isinstance(hf, dict):
+        raise TpshardError(f"{file}: not a JSON object; expected a GPT-2 config.json")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise TpshardError(f"{path}: model_type {hf.get('model_type')!r} is not GPT-2; tpshard reads GPT-2 only")
     activation = hf.get("activation_function", "gelu_new")
-    if activation not in ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise TpshardError(f"{path}: activation_function {activation!r} is not supported (gelu_new or gelu)")
     try:
-        return GPTConfig(
-            block_size=int(hf.get("n_positions", hf.get("n_ctx", 1024))),
-            vocab_size=int(hf["vocab_size"]),
-            n_layer=int(hf["n_layer"]),
-            n_head=int(hf["n_head"]),
-            n_embd=int(hf["n_embd"]),
-            bias=True,
-            activation=ACTIVATIONS[activation],
-            layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise TpshardError(f"{path / 'config.json'}: missing or invalid GPT-2 field ({e})") from None
+        args = {
+            "block_size": int(hf.get("n_positions", hf.get("n_ctx", 1024))),
+            "vocab_size": int(hf["vocab_size"]),
+            "n_layer": int(hf["n_layer"]),
+            "n_head": int(hf["n_head"]),
+            "n_embd": int(hf["n_embd"]),
+            "bias": True,
+            "activation": ACTIVATIONS[activation],
+            "layer_norm_epsilon": float(hf.get("layer_norm_epsilon", 1e-5)),
+        }
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise TpshardError(f"{file}: missing or invalid GPT-2 field ({e})") from None
+    return config_from_model_args(args, file)  # positive sizes, whole heads, a usable epsilon
 
 
 def _weights_file(path: Path) -> Path:
@@ -62,7 +69,10 @@ def _weights_file(path: Path) -> Path:
 
 def _weights(file: Path) -> dict[str, torch.Tensor]:
     if file.suffix == ".bin":
-        return read_checkpoint_file(file)  # weights only, memory-mapped
+        state = read_checkpoint_file(file)  # weights only, memory-mapped
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise TpshardError(f"{file}: not a state_dict (a dict of named tensors)")
+        return state
     try:
         with safe_open(str(file), framework="pt") as f:
             return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not iterable)

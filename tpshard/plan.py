@@ -13,11 +13,12 @@ vocabulary rows instead, padded with zero rows to a multiple of N: an extra redu
 embeddings, and the vocab-sliced logits are gathered.
 """
 
+import math
 from enum import StrEnum
 
 import torch
 
-from tpshard.model import GPT, GPTConfig, Placement
+from tpshard.model import GPTConfig, Placement
 
 EMBEDDING = "transformer.wte.weight"
 TIED = {"lm_head.weight": EMBEDDING}  # stored once, under the embedding's name
@@ -66,10 +67,22 @@ def rule_for(name: str, vocab_parallel: bool = False) -> Rule:
 
 
 def dense_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every stored tensor's dense shape, in nanoGPT's state_dict order (tied lm_head left out)."""
-    with torch.device("meta"):
-        model = GPT(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in TIED}
+    """Every stored tensor's dense shape, in nanoGPT's state_dict order (tied lm_head left out).
+
+    Written out, not read off a GPT built on the meta device: the first such build costs about a
+    second of lazy imports (Python meta kernels for the weight init), and split, merge and inspect
+    need nothing but these shapes. tests/test_model.py holds them to the model's state_dict."""
+    C = config.n_embd
+
+    def layer(prefix: str, *weight: int) -> dict[str, tuple[int, ...]]:  # a Linear or a LayerNorm
+        return {f"{prefix}.weight": weight, **({f"{prefix}.bias": weight[:1]} if config.bias else {})}
+
+    shapes = {"transformer.wte.weight": (config.vocab_size, C), "transformer.wpe.weight": (config.block_size, C)}
+    for i in range(config.n_layer):
+        h = f"transformer.h.{i}"
+        shapes |= layer(f"{h}.ln_1", C) | layer(f"{h}.attn.c_attn", 3 * C, C) | layer(f"{h}.attn.c_proj", C, C)
+        shapes |= layer(f"{h}.ln_2", C) | layer(f"{h}.mlp.c_fc", 4 * C, C) | layer(f"{h}.mlp.c_proj", C, 4 * C)
+    return shapes | layer("transformer.ln_f", C)
 
 
 def vocab_slice(vocab_size: int, tp_size: int) -> int:
@@ -136,6 +149,14 @@ def piece_shape(
     elif rule.dim is not None:
         shape[rule.dim] //= tp_size
     return tuple(shape)
+
+
+def valid_tp_sizes(config: GPTConfig) -> list[int]:
+    """Every N that gives each rank whole heads and an equal share of the MLP's 4*n_embd units: the
+    divisors of their gcd, found in sqrt steps (a forged n_head can be 10**9)."""
+    n = math.gcd(config.n_head, 4 * config.n_embd)
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
 
 
 def sync_points(config: GPTConfig, vocab_parallel: bool = False) -> int:

@@ -18,6 +18,7 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +27,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tpshard import plan
-from tpshard.checkpoint import Checkpoint, check_tp, config_from_model_args
+from tpshard.checkpoint import (
+    MIN_TENSORS_PER_LAYER,
+    Checkpoint,
+    bookkeeping,
+    check_tp,
+    config_from_model_args,
+    hold,
+    remove_orphans,
+    write_failure,
+)
 from tpshard.errors import TpshardError
 from tpshard.model import GPTConfig
 
@@ -34,6 +44,7 @@ FORMAT = "tpshard"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CHUNK = 8 << 20
+MAX_MANIFEST_BYTES = 64 << 20  # a 1000-layer model's manifest is about 1 MB
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -48,11 +59,12 @@ def rank_file_name(rank: int, tp_size: int) -> str:
 
 def sha256_file(path: Path, progress: Progress | None = None) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
+    buffer = memoryview(bytearray(CHUNK))  # reused: a fresh 8 MB per read is page faults and munmaps
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(buffer):
+            digest.update(buffer[:size])
             if progress:
-                progress(len(chunk))
+                progress(size)
     return digest.hexdigest()
 
 
@@ -105,21 +117,33 @@ def write_safetensors(
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # align the data, as safetensors does
     digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        for block in (struct.pack("<Q", len(header_bytes)), header_bytes):
-            f.write(block)
-            digest.update(block)
+    prefix = struct.pack("<Q", len(header_bytes)) + header_bytes
+    # hashing runs on a second thread, one tensor behind the writing (hashlib releases the GIL)
+    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as hasher:
+        f.write(prefix)
+        hashed = hasher.submit(digest.update, prefix)
         for name, dtype, shape in layout:
             tensor = produce(name)
             assert tensor.dtype == dtype and tuple(tensor.shape) == tuple(shape), name
             data = tensor.contiguous().view(-1).view(torch.uint8).numpy()
             f.write(data)
-            digest.update(data)
+            hashed.result()  # keeps the updates in order and at most two tensors alive
+            hashed = hasher.submit(digest.update, data)
             if progress:
                 progress(data.nbytes)
+        hashed.result()
         f.flush()
         os.fsync(f.fileno())
     return digest.hexdigest()
+
+
+def spare_inputs(out: Path, inputs: list[Path]) -> None:
+    """--force replaces OUT whole: refuse when OUT is one of the inputs, or a directory that holds one."""
+    target = Path(out).resolve()
+    for path in inputs:
+        resolved = Path(path).resolve()
+        if resolved == target or target in resolved.parents:
+            raise TpshardError(f"{out}: is or holds the input {path}; write the output elsewhere")
 
 
 @contextmanager
@@ -133,8 +157,11 @@ def atomic_directory(out_dir: Path, force: bool) -> Iterator[Path]:
     parent = out_dir.parent
     if not parent.is_dir():
         raise TpshardError(f"{parent}: output's parent directory does not exist")
+    remove_orphans(out_dir, ".partial")
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=parent))
+        lock = os.open(tmp, os.O_RDONLY)
+        hold(lock)  # until the rename: a run killed before it leaves an orphan that a later run removes
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 is for the temporary name only
@@ -149,9 +176,14 @@ def atomic_directory(out_dir: Path, force: bool) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.replace(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        # a full disk, say: one line, not a traceback (safetensors' save_file raises its own type)
+        if isinstance(e, OSError | SafetensorError):
+            raise TpshardError(f"{out_dir}: writing failed ({write_failure(e)}); {out_dir} is unchanged") from None
         raise
+    finally:
+        os.close(lock)
 
 
 @dataclass
@@ -258,6 +290,7 @@ def split_checkpoint(
 ) -> Manifest:
     """Split a dense checkpoint into tp_size rank files (optimizer state is left out)."""
     check_tp(checkpoint.config, tp_size)
+    spare_inputs(out_dir, [checkpoint.path, *([tokenizer_file] if tokenizer_file else [])])
     dtype = dtype or checkpoint.dtype
     source_hash = BackgroundHash(checkpoint.path)
     manifest = Manifest(
@@ -294,7 +327,13 @@ def split_checkpoint(
 
 def _require(cond: bool, where: Path, what: str) -> None:
     if not cond:
+        what = what if len(what) <= 300 else what[:300] + "..."  # a forged value can be megabytes long
         raise TpshardError(f"{where}: invalid manifest: {what}; re-create the shard set with tpshard split")
+
+
+def _plain_name(name: object) -> bool:
+    """A file name in the shard directory itself: no path, no '..'."""
+    return isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
 
 
 def parse_manifest(data: object, where: Path) -> Manifest:
@@ -303,7 +342,7 @@ def parse_manifest(data: object, where: Path) -> Manifest:
     assert isinstance(data, dict)
     _require(data.get("format") == FORMAT, where, f"format is {data.get('format')!r}, expected {FORMAT!r}")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # not True, which equals 1
         raise TpshardError(
             f"{where}: shard format version {version!r} is not supported (this tpshard reads version "
             f"{FORMAT_VERSION}); use a matching tpshard or re-split"
@@ -314,9 +353,13 @@ def parse_manifest(data: object, where: Path) -> Manifest:
     _require(not isinstance(tp_size, bool) and tp_size >= 1, where, f"tp_size {tp_size!r}")
     _require(data["dtype"] in DTYPES, where, f"dtype {data['dtype']!r} unknown")
     config = config_from_model_args(data["model_args"], where)
-    check_tp(config, tp_size)
+    divides = config.n_head % tp_size == 0 and 4 * config.n_embd % tp_size == 0
+    _require(divides, where, f"tp_size {tp_size} does not divide n_head={config.n_head} and 4*n_embd")
     vocab_parallel = data.get("vocab_parallel", False)
     _require(isinstance(vocab_parallel, bool), where, f"vocab_parallel {vocab_parallel!r}")
+    # before the table is built: a forged n_layer=10**9 would make it a billion entries
+    enough = len(data["tensors"]) >= MIN_TENSORS_PER_LAYER * config.n_layer
+    _require(enough, where, f"n_layer={config.n_layer} but {len(data['tensors'])} tensors listed")
     expected = tensor_table(config, vocab_parallel)
     _require(data["tensors"] == expected, where, "tensor table disagrees with model_args and the split rules")
     files = data["files"]
@@ -325,17 +368,18 @@ def parse_manifest(data: object, where: Path) -> Manifest:
         _require(isinstance(entry, dict), where, f"files[{rank}] is not an object")
         _require(entry.get("rank") == rank, where, f"files[{rank}] has rank {entry.get('rank')!r}")
         name = entry.get("file")
-        plain = isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
-        _require(plain, where, f"files[{rank}] name {name!r}")
+        _require(_plain_name(name), where, f"files[{rank}] name {name!r}")
         size, digest = entry.get("bytes"), entry.get("sha256")
         sized = isinstance(size, int) and not isinstance(size, bool) and size > 8
         _require(sized, where, f"files[{rank}] bytes {size!r}")
         _require(isinstance(digest, str) and len(digest) == 64, where, f"files[{rank}] sha256 {digest!r}")
+    names = [entry["file"] for entry in files]
+    _require(len(set(names)) == len(names), where, "a file is listed for two ranks")
     tokenizer = data.get("tokenizer")
-    plain = tokenizer is None or (isinstance(tokenizer, str) and tokenizer == Path(tokenizer).name)
-    _require(plain, where, f"tokenizer {tokenizer!r}")
+    _require(tokenizer is None or _plain_name(tokenizer), where, f"tokenizer {tokenizer!r}")
     source = data.get("source", {})
     _require(isinstance(source, dict), where, "source is not an object")
+    bookkeeping(source, where)  # what merge writes back into the checkpoint: the same checks as a ckpt.pt's
     return Manifest(tp_size, config, DTYPES[data["dtype"]], expected, files, source, tokenizer, version, vocab_parallel)
 
 
@@ -354,10 +398,14 @@ class ShardSet:
         path = directory / MANIFEST
         if not path.is_file():
             raise TpshardError(f"{directory}: no {MANIFEST}; is this the output of tpshard split?")
+        if path.stat().st_size > MAX_MANIFEST_BYTES:  # read whole, so bounded first
+            raise TpshardError(f"{path}: {path.stat().st_size:,} bytes, too large for a manifest; it is damaged")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TpshardError(f"{path}: not valid JSON ({e}); the manifest is damaged") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+            raise TpshardError(f"{path}: not valid JSON ({str(e)[:200]}); the manifest is damaged") from None
+        except OSError as e:
+            raise TpshardError(f"{path}: cannot read ({e.strerror})") from None
         return cls(directory, parse_manifest(data, path))
 
     @property
@@ -445,8 +493,10 @@ def reshard(
     """N -> M directly: each tensor is reassembled from the old pieces and cut for the new ranks,
     one tensor at a time, without a dense checkpoint on disk."""
     check_tp(shards.manifest.config, tp_size)
-    if Path(out_dir).resolve() == shards.directory.resolve():
-        raise TpshardError(f"{out_dir}: is the input shard set; write the resharded set elsewhere")
+    spare_inputs(out_dir, [shards.directory])
+    tokenizer = shards.tokenizer_path
+    if tokenizer is not None and not tokenizer.is_file():  # copied last: say so before the long write
+        raise TpshardError(f"{tokenizer}: the manifest's tokenizer file is missing; restore it or re-split")
     for rank in range(shards.tp_size):
         shards.check_file(rank)
     old = shards.load_pieces(list(range(shards.tp_size)), checksum=False)

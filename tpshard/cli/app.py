@@ -14,8 +14,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from tpshard import __version__
 
-stderr = Console(stderr=True, highlight=False)
-stdout = Console(highlight=False)
+# markup off: paths are user data, and a directory named "a[/]b" must print as itself, not raise MarkupError
+stderr = Console(stderr=True, highlight=False, markup=False)
+stdout = Console(highlight=False, markup=False)
 
 app = typer.Typer(
     name="tpshard",

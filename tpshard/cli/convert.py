@@ -5,6 +5,7 @@ from enum import StrEnum
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tpshard.cli.app import app, byte_progress, existing, stderr, stdout
@@ -42,10 +43,13 @@ def _tokenizer_to_ship(ckpt, explicit: Path | None, scratch: Path) -> Path | Non
         tok = find_tokenizer(
             ckpt.path, dataset=ckpt.train_config.get("dataset"), vocab_size=ckpt.config.vocab_size, explicit=explicit
         )
-    except TpshardError:
+    except TpshardError as e:
         if explicit is not None:
             raise
-        stderr.print("[yellow]note:[/] no tokenizer found beside the checkpoint; the shard set ships without one")
+        # the reason matters: none found, or one found and refused (a meta.pkl that would run code, say)
+        reason = " ".join(str(e).split())
+        note = f"[yellow]note:[/] {escape(reason)}; the shard set ships without a tokenizer"
+        stderr.print(note, markup=True, soft_wrap=True)
         return None
     if tok.source is None and getattr(tok, "ranks", None) is not None:  # e.g. an HF vocab.json + merges.txt
         ranks_file = scratch / "gpt2.tiktoken"
@@ -121,13 +125,15 @@ def merge(
     """
     from tpshard.checkpoint import save_checkpoint, save_safetensors
     from tpshard.hf import save_hf
-    from tpshard.shards import ShardSet, merge_shards
+    from tpshard.shards import MANIFEST, ShardSet, merge_shards, spare_inputs
 
     if out.exists() and not force:
         raise TpshardError(f"{out}: already exists; choose another output or pass --force to replace it")
     if out.is_dir() and format is not MergeFormat.hf:
         raise TpshardError(f"{out}: is a directory, expected a file name for the merged checkpoint")
     shard_set = ShardSet.open(shards)
+    parts = [shard_set.directory / MANIFEST, *map(shard_set.rank_path, range(shard_set.tp_size))]
+    spare_inputs(out, [shard_set.directory, *parts, *filter(None, [shard_set.tokenizer_path])])
     total = sum(f["bytes"] for f in shard_set.manifest.files)
     with byte_progress("verify checksums", total) as progress:
         ckpt = merge_shards(shard_set, progress=progress)

@@ -1,12 +1,297 @@
-"""`tpshard generate`."""
+"""`tpshard generate`: text from a checkpoint or a shard set, dense, simulated or distributed."""
+
+import codecs
+import os
+import re
+import sys
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+from rich.table import Table
 
-from tpshard.cli.app import app
+from tpshard.cli.app import app, existing, stderr
+from tpshard.cli.convert import DType
+from tpshard.errors import TpshardError
+
+if TYPE_CHECKING:  # the CLI imports torch only inside commands
+    import torch
+
+    from tpshard.generate import Sampling
+    from tpshard.launch import Group
+    from tpshard.model import GPT
+    from tpshard.runtime import Stats
+    from tpshard.shards import ShardSet
+    from tpshard.tokenizer import Tokenizer
+
+SEPARATOR = "---------------"  # nanoGPT sample.py prints it after each sample
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def generate(ctx: typer.Context) -> None:
-    """Not implemented yet."""
-    typer.echo("tpshard generate: not implemented yet", err=True)
-    raise typer.Exit(2)
+class Mode(StrEnum):
+    dense = "dense"
+    simulated = "simulated"
+    distributed = "distributed"
+
+
+@dataclass
+class Request:
+    """What every rank needs to generate; pickled to the worker processes of a distributed run."""
+
+    prompt: list[int]
+    tokenizer: "Tokenizer"
+    sampling: "Sampling"
+    max_new_tokens: int
+    num_samples: int
+    dtype: "torch.dtype | None"
+    show_stats: bool
+
+
+@app.command()
+def generate(
+    source: Path = typer.Argument(
+        ...,
+        metavar="CKPT_OR_SHARDS",
+        help="A nanoGPT ckpt.pt (runs dense) or a shard directory written by split (runs simulated).",
+        callback=existing,
+    ),
+    mode: Mode | None = typer.Option(
+        None,
+        help="dense: the whole model in one process (a shard set is merged in memory); simulated: every "
+        "rank in this process; distributed: one process per rank. \\[default: dense for a checkpoint, "
+        "simulated for shards]",
+        show_default=False,
+    ),
+    nproc: int | None = typer.Option(
+        None, help="Ranks (processes when distributed); must be the shard set's tp size. \\[default: its tp size]"
+    ),
+    prompt: str | None = typer.Option(None, help='Text to continue. \\[default: "\\n", as nanoGPT]'),
+    prompt_file: Path | None = typer.Option(None, help="Read the prompt from this UTF-8 file."),
+    max_new_tokens: int = typer.Option(500, min=1, help="Tokens to generate per sample."),
+    temperature: float = typer.Option(0.8, help="Below 1: more likely tokens; above 1: more varied ones."),
+    top_k: int = typer.Option(200, min=0, help="Sample among the k most likely tokens; 0: among all."),
+    greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely token (deterministic)."),
+    seed: int = typer.Option(1337, help="Seed of the sampling RNG: same seed, same text, in every mode."),
+    num_samples: int = typer.Option(1, min=1, help="Samples, one after another from one RNG stream."),
+    device: str = typer.Option(
+        "cpu", help="cpu, cuda or cuda:N. Distributed: cpu (gloo) or cuda (NCCL, rank r on cuda:LOCAL_RANK)."
+    ),
+    dtype: DType | None = typer.Option(None, help="Compute in this dtype. \\[default: the weights' dtype]"),
+    tokenizer: Path | None = typer.Option(
+        None,
+        help="meta.pkl or .tiktoken file. \\[default: beside the checkpoint, in the shard set, or GPT-2's]",
+    ),
+    stats: bool = typer.Option(
+        False,
+        "--stats",
+        help="On stderr: tokens/s, prefill time, sync points and bytes reduced, time in communication, "
+        "and (distributed) every rank's peak memory next to its shard's size.",
+    ),
+) -> None:
+    """Generate text: stdout gets the prompt and its continuation, streamed as tokens come, with
+    nanoGPT's '---------------' line after each sample; status goes to stderr.
+
+    A checkpoint runs dense. A shard directory runs simulated (all ranks in this process, partial
+    sums added at each sync point) or distributed (one process per rank, started here with torch's
+    launcher engine, or by torchrun; each rank reads only its own shard file). For one seed the three
+    print the same text.
+
+    Examples:
+
+        tpshard generate ckpt.pt --prompt "ROMEO:" --max-new-tokens 200
+
+        tpshard generate shards --greedy --stats
+
+        tpshard generate shards --mode distributed --num-samples 3 --seed 7
+
+        torchrun --nproc-per-node 2 -m tpshard generate shards --mode distributed
+    """
+    from tpshard import launch, runtime
+    from tpshard.generate import Sampling
+    from tpshard.shards import DTYPES, ShardSet
+    from tpshard.tokenizer import find_tokenizer
+
+    text = _prompt_text(prompt, prompt_file)
+    if temperature <= 0 and not greedy:
+        raise TpshardError(f"--temperature {temperature}: must be above 0; for the most likely token use --greedy")
+    opened = runtime.open_source(source)
+    shards = opened if isinstance(opened, ShardSet) else None
+    mode = mode or (Mode.simulated if shards else Mode.dense)
+    _check_layout(source, mode, shards, nproc)
+    if shards is not None:
+        config, dataset = shards.manifest.config, (shards.manifest.source.get("config") or {}).get("dataset")
+    else:
+        config, dataset = opened.config, opened.train_config.get("dataset")
+    tok = find_tokenizer(source, dataset=dataset, vocab_size=config.vocab_size, explicit=tokenizer)
+    ids = tok.encode(text)
+    if not ids:
+        raise TpshardError("the prompt is empty; give at least one character (--prompt or --prompt-file)")
+    request = Request(
+        prompt=ids,
+        tokenizer=tok,
+        sampling=Sampling(temperature=temperature, top_k=top_k or None, greedy=greedy, seed=seed),
+        max_new_tokens=max_new_tokens,
+        num_samples=num_samples,
+        dtype=DTYPES[dtype.value] if dtype else None,
+        show_stats=stats,
+    )
+    if mode is Mode.distributed:
+        assert shards is not None
+        launch.run(_distributed_rank, (shards, request), nproc=shards.tp_size, device=device)
+        return
+    where = _local_device(device)
+    if mode is Mode.dense:
+        model = runtime.dense_model(opened, device=where, dtype=request.dtype)
+        label = "dense"
+    else:
+        assert shards is not None
+        model = runtime.simulated_model(shards, device=where, dtype=request.dtype)
+        label = f"simulated tp {shards.tp_size} (one process)"
+    run_stats = _generate(model, request, label)
+    if stats:
+        _report(run_stats, request)
+
+
+def _prompt_text(prompt: str | None, prompt_file: Path | None) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise TpshardError("--prompt and --prompt-file both given; choose one")
+    if prompt_file is None:
+        return "\n" if prompt is None else prompt
+    try:
+        return prompt_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TpshardError(f"{prompt_file}: no such prompt file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TpshardError(f"{prompt_file}: cannot read the prompt ({e})") from None
+
+
+def _check_layout(source: Path, mode: Mode, shards: "ShardSet | None", nproc: int | None) -> None:
+    if shards is None and mode is not Mode.dense:
+        raise TpshardError(
+            f"{source}: --mode {mode} runs a shard set, and this is a checkpoint; split it first: "
+            f"tpshard split {source} --tp N -o SHARDS"
+        )
+    if nproc is None:
+        return
+    if mode is Mode.dense:
+        raise TpshardError("--nproc applies to --mode simulated and distributed; a dense run is one process")
+    assert shards is not None
+    if nproc != shards.tp_size:
+        raise TpshardError(
+            f"--nproc {nproc}: {source} is a {shards.tp_size}-way shard set, one rank per shard; "
+            f"use --nproc {shards.tp_size}, or reshard it: tpshard reshard {source} --tp {nproc} -o OUT"
+        )
+
+
+def _local_device(device: str) -> "torch.device":
+    import torch
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise TpshardError(f"--device {device}: expected cpu, cuda or cuda:N")
+    where = torch.device(device)
+    if where.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise TpshardError(f"--device {device}: no CUDA device available to torch; use --device cpu")
+        if (where.index or 0) >= count:
+            raise TpshardError(f"--device {device}: only {count} CUDA device(s): cuda:0..cuda:{count - 1}")
+    return where
+
+
+def _distributed_rank(group: "Group", shards: "ShardSet", request: Request) -> None:
+    """One rank of a distributed run: its own shard only; rank 0 streams the text and reports."""
+    from tpshard import runtime
+
+    model = runtime.distributed_model(shards, group, dtype=request.dtype)
+    backend = "NCCL" if group.device.type == "cuda" else "gloo"
+    label = f"distributed tp {group.world_size} ({group.world_size} processes, {backend})"
+    run_stats = _generate(model, request, label, group)
+    if request.show_stats:  # every rank takes part in the gather
+        mine = (runtime.peak_rss_bytes(), shards.manifest.files[group.rank]["bytes"], run_stats.comm_seconds)
+        ranks = group.gather(mine)
+        if group.rank == 0:
+            _report(run_stats, request, ranks)
+
+
+def _generate(model: "GPT", request: Request, label: str, group: "Group | None" = None) -> "Stats":
+    from tpshard.runtime import Runner
+
+    speaks = group is None or group.rank == 0
+    runner = Runner(model, request.sampling, group)
+    if speaks:
+        dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+        where = f"{label} on {model.lm_head.weight.device} ({dtype}); tokenizer {request.tokenizer.name}"
+        stderr.print(where, soft_wrap=True)
+    for _ in range(request.num_samples):
+        tokens = runner.sample(request.prompt, request.max_new_tokens)
+        if speaks:
+            _stream(request.tokenizer, request.prompt, tokens)
+        else:
+            deque(tokens, maxlen=0)  # run the steps in lockstep with rank 0, print nothing
+    run_stats = runner.stats()
+    if speaks:
+        seconds = run_stats.prefill_seconds + run_stats.decode_seconds
+        stderr.print(f"{run_stats.new_tokens} tokens in {seconds:.2f} s: {run_stats.tokens_per_second:.1f} tokens/s")
+    return run_stats
+
+
+def _stream(tokenizer: "Tokenizer", prompt: list[int], tokens: Iterable[int]) -> None:
+    """The prompt, then each token as it comes, then the separator line. Decoded incrementally: a
+    BPE token may end inside a UTF-8 character, whose bytes the decoder holds until it is complete."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = sys.stdout.buffer
+
+    def write(data: bytes, final: bool = False) -> None:
+        out.write(decoder.decode(data, final).encode())
+        out.flush()
+
+    sys.stdout.flush()
+    try:
+        write(tokenizer.decode_bytes(prompt))
+        for token in tokens:
+            write(tokenizer.decode_bytes([token]))
+        write(b"", final=True)
+        out.write(f"\n{SEPARATOR}\n".encode())
+        out.flush()
+    except BrokenPipeError:  # `| head`: the reader is gone; point stdout at nothing so exit's flush is quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise TpshardError("stdout was closed by its reader (broken pipe); generation stopped") from None
+
+
+def _report(run_stats: "Stats", request: Request, ranks: list | None = None) -> None:
+    """--stats, on stderr. ranks: each rank's (peak RSS, shard file bytes, communication seconds)."""
+    s = run_stats
+    table = Table(title="generation", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("tokens/s", f"{s.tokens_per_second:.1f} overall, {s.decode_tokens_per_second:.1f} decoding")
+    table.add_row(
+        "prefill", f"{1e3 * s.prefill_seconds / s.samples:.1f} ms per sample (prompt: {len(request.prompt)} tokens)"
+    )
+    if s.sync_points:
+        table.add_row("sync points", f"{s.sync_points / s.forwards:g} per forward ({s.sync_points} in {s.forwards})")
+        table.add_row("reduced", f"{_size(s.sync_bytes)} of activations per rank, counted at each sync point")
+    else:
+        table.add_row("sync points", "none (dense)")
+    if ranks is not None:
+        share = 100 * s.comm_seconds / (s.prefill_seconds + s.decode_seconds)
+        table.add_row("communication", f"{s.comm_seconds:.3f} s in collectives, {share:.0f}% of the run (rank 0)")
+    stderr.print(table)
+    if ranks is not None:
+        per_rank = Table(title="ranks", title_justify="left")
+        for name in ("rank", "shard file", "peak RSS", "communication"):
+            per_rank.add_column(name, justify="right")
+        for rank, (rss, shard_bytes, comm) in enumerate(ranks):
+            per_rank.add_row(str(rank), _size(shard_bytes), _size(rss), f"{comm:.3f} s")
+        stderr.print(per_rank)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"

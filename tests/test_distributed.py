@@ -1,0 +1,184 @@
+"""Distributed generation with real processes (2 gloo ranks on loopback), through the CLI: the dense text,
+greedy and sampled, whether tpshard starts the ranks or torchrun does; and failures that end every
+rank quickly with one line naming the rank, leaving no process behind.
+
+Each run starts 3 Python processes that import torch, so these tests are few and the model tiny."""
+
+import os
+import pickle
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tpshard.checkpoint import load_checkpoint, model_args
+from tpshard.cli.app import app
+from tpshard.model import GPT, GPTConfig, random_weights
+from tpshard.shards import split_checkpoint
+
+CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# vocab 61 is odd: the vocabulary-parallel output layer pads the last rank's share;
+# block 32 < 60 new tokens: generation crops its window
+CONFIG = GPTConfig(block_size=32, vocab_size=len(CHARS), n_layer=2, n_head=4, n_embd=32, bias=True)
+GENERATE = [sys.executable, "-m", "tpshard", "generate"]
+TIMEOUT = 90  # a hung run fails the test instead of the suite
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(ckpt.pt, its 2-way shard set), with a char-level meta.pkl; a vocab-parallel split beside it."""
+    folder = tmp_path_factory.mktemp("dist")
+    torch.save(
+        {"model": random_weights(GPT(CONFIG), seed=1).state_dict(), "model_args": model_args(CONFIG), "config": {}},
+        folder / "ckpt.pt",
+    )
+    meta = {"vocab_size": len(CHARS), "itos": dict(enumerate(CHARS)), "stoi": {c: i for i, c in enumerate(CHARS)}}
+    (folder / "meta.pkl").write_bytes(pickle.dumps(meta))
+    dense = load_checkpoint(folder / "ckpt.pt")
+    split_checkpoint(dense, 2, folder / "tp2", tokenizer_file=folder / "meta.pkl")
+    split_checkpoint(dense, 2, folder / "tp2-vocab", vocab_parallel=True, tokenizer_file=folder / "meta.pkl")
+    return folder / "ckpt.pt", folder / "tp2"
+
+
+def dense_text(ckpt: Path, *args: str) -> str:
+    result = CliRunner().invoke(app, ["generate", str(ckpt), *args])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below pid (from /proc: Linux)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def assert_all_gone(pids: set[int]) -> None:
+    deadline = time.monotonic() + 3
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if alive(p)], "processes left behind"
+
+
+class Run:
+    """`tpshard generate ARGS` (or another command) in a session of its own, killed with everything under
+    it however the test ends."""
+
+    def __init__(self, *args: object, command: list[str] = GENERATE):
+        self.proc = subprocess.Popen(
+            [*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        )
+        self.seen: set[int] = set()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in self.seen:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def watch(self) -> set[int]:
+        self.seen |= descendants(self.proc.pid)
+        return self.seen
+
+    def finish(self, timeout: float = TIMEOUT) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.parametrize(
+    ("sampling", "split"),
+    [(["--greedy"], "tp2"), (["--seed", "11", "--top-k", "5", "--num-samples", "2"], "tp2-vocab")],
+    ids=["greedy", "sampled-vocab-parallel"],
+)
+def test_distributed_prints_the_dense_text(model: tuple[Path, Path], sampling: list[str], split: str) -> None:
+    ckpt, shards = model[0], model[1].parent / split
+    expected = dense_text(ckpt, *sampling, "--max-new-tokens", "60")
+    with Run(shards, "--mode", "distributed", "--nproc", "2", *sampling, "--max-new-tokens", "60", "--stats") as run:
+        code, out, err = run.finish()
+    assert code == 0, err
+    assert out == expected
+    assert "distributed tp 2" in err and "peak RSS" in err and "Traceback" not in err
+
+
+def test_torchrun_starts_the_ranks(model: tuple[Path, Path], tmp_path: Path) -> None:
+    ckpt, shards = model
+    expected = dense_text(ckpt, "--greedy", "--max-new-tokens", "60")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    torchrun += ["--log-dir", str(tmp_path)]  # not a torchelastic_* folder left in /tmp
+    with Run(
+        shards, "--mode", "distributed", "--greedy", "--max-new-tokens", 60, command=[*torchrun, *GENERATE[1:]]
+    ) as run:
+        code, out, err = run.finish()
+    assert code == 0, err
+    assert out == expected  # rank 0 alone prints
+
+
+def test_a_corrupt_rank_file_stops_every_rank(model: tuple[Path, Path], tmp_path: Path) -> None:
+    _, shards = model
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in shards.iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    data = bytearray((broken / "rank1-of-2.safetensors").read_bytes())
+    data[-100] ^= 0xFF  # same size, different bytes: caught by the checksum
+    (broken / "rank1-of-2.safetensors").write_bytes(bytes(data))
+    start = time.monotonic()
+    with Run(broken, "--mode", "distributed", "--max-new-tokens", "20") as run:
+        while run.proc.poll() is None:
+            run.watch()
+            time.sleep(0.05)
+        code, out, err = run.finish()
+    assert time.monotonic() - start < 15
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1, err
+    assert re.fullmatch(r"tpshard: error: rank 1: \S*rank1-of-2.safetensors: sha256 differs .*\n", err)
+    assert_all_gone(run.seen)
+
+
+def test_a_killed_rank_stops_every_rank(model: tuple[Path, Path]) -> None:
+    _, shards = model
+    with Run(shards, "--mode", "distributed", "--max-new-tokens", "1000000") as run:
+        ready, _, _ = select.select([run.proc.stdout], [], [], 60)
+        assert ready and run.proc.stdout.read1(1)  # rank 0 is streaming: every rank is generating
+        workers = [p for p in run.watch() if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(workers) == 2
+        os.kill(workers[-1], signal.SIGKILL)
+        killed = time.monotonic()
+        code, _, err = run.finish(timeout=30)
+        assert time.monotonic() - killed < 10
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code != 0 and len(errors) == 1, err
+    assert re.fullmatch(
+        r"tpshard: error: rank [01]: died without reporting an error \(killed by SIGKILL\).*", errors[0]
+    )
+    assert "Traceback" not in err
+    assert_all_gone(run.seen)

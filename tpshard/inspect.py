@@ -1,0 +1,520 @@
+"""The facts behind `tpshard inspect`, as data: what a checkpoint, a shard set or a lone rank file holds,
+and how a checkpoint splits N ways under plan.py's rules. Nothing here prints: the CLI renders these
+reports, or dumps them as JSON (every report is a dataclass of plain values).
+
+    checkpoint   ckpt.pt, a dense .safetensors, a Hugging Face GPT-2 directory: model, weights,
+                 tokenizer, optimizer state (sized from the archive, never read), the split plan
+    shards       a shard directory: the manifest in brief, every rank's file, one block's data flow,
+                 an integrity check (sha256 on request)
+    rank_file    one rank's .safetensors: which rank of which set, its tensors
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tpshard import hf, plan
+from tpshard.checkpoint import Checkpoint, check_tp, load_checkpoint, model_args, read_checkpoint_file
+from tpshard.errors import TpshardError
+from tpshard.model import GPTConfig
+from tpshard.shards import (
+    DTYPE_NAMES,
+    DTYPES,
+    FORMAT,
+    MANIFEST,
+    SAFETENSORS_DTYPES,
+    ShardSet,
+    open_rank_file,
+    sha256_file,
+)
+from tpshard.tokenizer import find_tokenizer
+
+SAFETENSORS_NAMES = {code: DTYPE_NAMES[dtype] for dtype, code in SAFETENSORS_DTYPES.items()}
+
+
+# --- the split plan -------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorSplit:
+    """One tensor of the dense model and its piece on each rank (every rank's piece has one shape)."""
+
+    name: str
+    shape: list[int]
+    rule: str  # plan.Rule value, or "tied" for lm_head (stored once, as wte)
+    split: str  # what each rank holds, in words: "column per head: q,k,v heads 0-5 | 6-11"
+    rank_shape: list[int]
+    rank_bytes: int  # bytes of this tensor on each rank; 0 for the tied lm_head
+
+
+@dataclass
+class SplitPlan:
+    tp_size: int
+    valid_tp_sizes: list[int]
+    vocab_parallel: bool
+    dtype: str
+    tensors: list[TensorSplit]
+    dense_bytes: int  # the stored tensors once (tied lm_head not counted twice)
+    rank_bytes: int  # one rank's tensors, replicated ones included
+    replicated_bytes: int  # the part of rank_bytes that every rank holds whole
+    sync_points_per_forward: int  # all-reduces per forward pass: 2 per layer (+1 vocab-parallel); 0 at tp 1
+    allreduce_payload_bytes: int  # one all-reduce, one token: n_embd activations of dtype
+    allreduce_bytes_per_token: int  # sync_points_per_forward * allreduce_payload_bytes
+    logits_gather_bytes_per_token: int  # vocab-parallel only: the gathered logits of one token
+
+
+def _ranges(starts: list[int], width: int) -> str:
+    """'0-5 | 6-11' for ranks starting at 0 and 6, each `width` wide; long lists elided in the middle."""
+    parts = [str(s) if width == 1 else f"{s}-{s + width - 1}" for s in starts]
+    if len(parts) > 4:
+        parts = [*parts[:2], "…", parts[-1]]
+    return " | ".join(parts)
+
+
+def describe_split(name: str, shape: tuple[int, ...], config: GPTConfig, tp_size: int, vocab_parallel: bool) -> str:
+    """What rank 0, 1, ... hold of a tensor, in words."""
+    rule = plan.rule_for(name, vocab_parallel)
+    if rule is plan.Rule.QKV_COLUMN:
+        heads = config.n_head // tp_size
+        return f"column per head: q,k,v heads {_ranges([r * heads for r in range(tp_size)], heads)}"
+    if rule is plan.Rule.VOCAB:
+        rows = plan.vocab_slice(shape[0], tp_size)
+        return f"vocab rows {_ranges([r * rows for r in range(tp_size)], rows)} (padded to {rows * tp_size})"
+    if rule is plan.Rule.REPLICATED:
+        if name.endswith("c_proj.bias"):
+            return "replicated, added after the all-reduce"
+        return "replicated"
+    width = shape[rule.dim] // tp_size
+    what = "outputs" if rule is plan.Rule.COLUMN else "inputs"
+    return f"{rule.value}: {what} {_ranges([r * width for r in range(tp_size)], width)}"
+
+
+def split_plan(config: GPTConfig, dtype: torch.dtype, tp_size: int = 1, vocab_parallel: bool = False) -> SplitPlan:
+    """How `tpshard split --tp tp_size` would cut a model stored in dtype (raises TpshardError when
+    tp_size does not divide it)."""
+    check_tp(config, tp_size)
+    itemsize = dtype.itemsize
+    tensors = []
+    for name, shape in plan.dense_shapes(config).items():
+        piece = plan.piece_shape(name, shape, tp_size, vocab_parallel)
+        tensors.append(
+            TensorSplit(
+                name=name,
+                shape=list(shape),
+                rule=plan.rule_for(name, vocab_parallel).value,
+                split=describe_split(name, shape, config, tp_size, vocab_parallel),
+                rank_shape=list(piece),
+                rank_bytes=itemsize * _numel(piece),
+            )
+        )
+    by_name = {t.name: t for t in tensors}
+    for tied, source in plan.TIED.items():  # listed like nanoGPT's state_dict, stored once
+        s = by_name[source]
+        tensors.append(TensorSplit(tied, s.shape, "tied", f"tied to {source}", s.rank_shape, 0))
+    syncs = plan.sync_points(config, vocab_parallel) if tp_size > 1 else 0
+    payload = config.n_embd * itemsize
+    return SplitPlan(
+        tp_size=tp_size,
+        valid_tp_sizes=plan.valid_tp_sizes(config),
+        vocab_parallel=vocab_parallel,
+        dtype=DTYPE_NAMES[dtype],
+        tensors=tensors,
+        dense_bytes=sum(itemsize * _numel(t.shape) for t in tensors if t.rule != "tied"),
+        rank_bytes=sum(t.rank_bytes for t in tensors),
+        replicated_bytes=sum(t.rank_bytes for t in tensors if t.rule == plan.Rule.REPLICATED),
+        sync_points_per_forward=syncs,
+        allreduce_payload_bytes=payload,
+        allreduce_bytes_per_token=syncs * payload,
+        logits_gather_bytes_per_token=(
+            plan.vocab_slice(config.vocab_size, tp_size) * tp_size * itemsize if vocab_parallel and tp_size > 1 else 0
+        ),
+    )
+
+
+def _numel(shape: list[int] | tuple[int, ...]) -> int:
+    return int(torch.Size(shape).numel())
+
+
+def _parameters(config: GPTConfig) -> int:
+    """model.parameter_count without building a model (see plan.dense_shapes): the tied lm_head once."""
+    return sum(_numel(shape) for shape in plan.dense_shapes(config).values())
+
+
+# --- the data flow of one block -------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    op: str
+    kind: str  # replicated | column | row | local | all-reduce | add
+    detail: str
+
+
+@dataclass
+class Branch:
+    name: str
+    steps: list[Step]
+
+
+def block_flow(config: GPTConfig, tp_size: int, itemsize: int) -> list[Branch]:
+    """One transformer block under tensor parallelism: which linears are column or row split, and where
+    the block's two all-reduces sit (the c_proj bias comes after them: added once, not once per rank)."""
+    heads = config.n_head // tp_size
+    width = heads * (config.n_embd // config.n_head)
+    hidden = 4 * config.n_embd // tp_size
+    C = config.n_embd
+    qkv_heads = _ranges([r * heads for r in range(tp_size)], heads)
+
+    def reduce(n: int) -> Step:
+        return Step(
+            f"ALL-REDUCE #{n}", "all-reduce", f"sum the {tp_size} ranks' partials: {C} values x {itemsize} B per token"
+        )
+
+    def bias(name: str) -> list[Step]:
+        if not config.bias:
+            return []
+        return [Step(f"+ {name}.bias", "add", "replicated, added once after the reduction")]
+
+    attention = [
+        Step("ln_1", "replicated", f"every rank normalizes the whole residual stream ({C})"),
+        Step("attn.c_attn", "column", f"column, per head: {C} -> 3 x {width} per rank (q,k,v heads {qkv_heads})"),
+        Step("attention", "local", f"{heads} local head{'s' * (heads != 1)} per rank, own KV cache, no communication"),
+        Step("attn.c_proj", "row", f"row: {width} inputs -> a partial sum of all {C} outputs"),
+        reduce(1),
+        *bias("attn.c_proj"),
+        Step("+ residual", "add", "every rank holds the same full activations again"),
+    ]
+    mlp = [
+        Step("ln_2", "replicated", f"every rank normalizes the whole residual stream ({C})"),
+        Step("mlp.c_fc", "column", f"column: {C} -> {hidden} hidden units per rank"),
+        Step("gelu", "local", "elementwise on the local units, no communication"),
+        Step("mlp.c_proj", "row", f"row: {hidden} inputs -> a partial sum of all {C} outputs"),
+        reduce(2),
+        *bias("mlp.c_proj"),
+        Step("+ residual", "add", "every rank holds the same full activations again"),
+    ]
+    return [Branch("attention", attention), Branch("mlp", mlp)]
+
+
+# --- a checkpoint ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Optimizer:
+    present: bool
+    tensors: int = 0
+    bytes: int = 0  # its tensors' bytes in the archive (stored uncompressed): sized, never read
+
+
+@dataclass
+class CheckpointReport:
+    path: str
+    format: str
+    file_bytes: int
+    model_args: dict
+    parameters: int
+    dtype: str
+    tensor_bytes: int
+    iter_num: int | None
+    best_val_loss: float | None
+    dataset: str | None
+    tokenizer: str | None
+    tokenizer_note: str | None  # why none was found
+    optimizer: Optimizer
+    sha256: str | None  # with checksums=True
+    plan: SplitPlan
+    kind: str = "checkpoint"
+
+
+def _tensors(obj: object) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, list | tuple):
+        return [t for item in obj for t in _tensors(item)]
+    return []
+
+
+def optimizer_state(path: Path) -> Optimizer:
+    """The optimizer entry of a ckpt.pt, sized from its memory-mapped tensors: no byte of it is read."""
+    state = read_checkpoint_file(path).get("optimizer")
+    if not state:
+        return Optimizer(present=False)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(state)}
+    return Optimizer(present=True, tensors=len(_tensors(state)), bytes=sum(storages.values()))
+
+
+def _format(path: Path) -> str:
+    if path.is_dir():
+        return "Hugging Face GPT-2 directory"
+    return "dense safetensors" if path.suffix == ".safetensors" else "nanoGPT ckpt.pt"
+
+
+def _disk_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
+
+
+def _tokenizer(ckpt: Checkpoint) -> tuple[str | None, str | None]:
+    dataset = ckpt.train_config.get("dataset")
+    try:
+        found = find_tokenizer(ckpt.path, dataset=dataset, vocab_size=ckpt.config.vocab_size)
+    except TpshardError as e:
+        return None, str(e)
+    return found.name, None
+
+
+def inspect_checkpoint(
+    path: Path, *, tp: int = 1, vocab_parallel: bool = False, checksums: bool = False
+) -> CheckpointReport:
+    ckpt = load_checkpoint(path)
+    split = split_plan(ckpt.config, ckpt.dtype, tp, vocab_parallel)  # refuses a bad tp before anything slow
+    stored = [t for name, t in ckpt.state_dict.items() if name not in plan.TIED]
+    tokenizer, note = _tokenizer(ckpt)
+    is_pt = _format(path) == "nanoGPT ckpt.pt"
+    dataset = ckpt.train_config.get("dataset")
+    return CheckpointReport(
+        path=str(path),
+        format=_format(path),
+        file_bytes=_disk_bytes(path),
+        model_args=model_args(ckpt.config),
+        parameters=_parameters(ckpt.config),
+        dtype=DTYPE_NAMES.get(ckpt.dtype, str(ckpt.dtype)),
+        tensor_bytes=sum(t.numel() * t.element_size() for t in stored),
+        iter_num=ckpt.iter_num,
+        best_val_loss=ckpt.best_val_loss,
+        dataset=dataset if isinstance(dataset, str) else None,
+        tokenizer=tokenizer,
+        tokenizer_note=note,
+        optimizer=optimizer_state(path) if is_pt else Optimizer(present=False),
+        sha256=sha256_file(path) if checksums and path.is_file() else None,
+        plan=split,
+    )
+
+
+# --- a shard set ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RankEntry:
+    rank: int
+    file: str
+    tensors: int
+    bytes: int  # the file's size recorded in the manifest
+    tensor_bytes: int
+    share: float  # tensor_bytes / the dense model's bytes
+    sha256: str
+    problem: str | None = None  # why the file fails the integrity check
+
+
+@dataclass
+class Integrity:
+    files_present: int
+    files_expected: int
+    sizes_match: bool
+    sha256_checked: bool
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ShardSetReport:
+    path: str
+    format_version: int
+    tp_size: int
+    dtype: str
+    vocab_parallel: bool
+    model_args: dict
+    parameters: int
+    dense_bytes: int
+    source: dict  # file, sha256, iter_num, best_val_loss, ... as the manifest records them
+    tokenizer: str | None
+    tokenizer_present: bool
+    ranks: list[RankEntry]
+    block: list[Branch]
+    plan: SplitPlan
+    integrity: Integrity
+    kind: str = "shards"
+
+
+def _check_rank(shards: ShardSet, rank: int, checksums: bool) -> str | None:
+    try:
+        shards.check_file(rank, checksum=checksums)
+    except TpshardError as e:
+        return str(e)
+    return None
+
+
+def inspect_shards(path: Path, *, checksums: bool = False) -> ShardSetReport:
+    shards = ShardSet.open(path)
+    m = shards.manifest
+    split = split_plan(m.config, m.dtype, m.tp_size, m.vocab_parallel)
+    dense = m.dense_bytes()
+    ranks = []
+    for entry in m.files:
+        ranks.append(
+            RankEntry(
+                rank=entry["rank"],
+                file=entry["file"],
+                tensors=len(m.tensors),
+                bytes=entry["bytes"],
+                tensor_bytes=split.rank_bytes,
+                share=split.rank_bytes / dense,
+                sha256=entry["sha256"],
+                problem=_check_rank(shards, entry["rank"], checksums),
+            )
+        )
+    present = [shards.rank_path(r.rank).is_file() for r in ranks]
+    sizes = all(shards.rank_path(r.rank).stat().st_size == r.bytes for r, ok in zip(ranks, present, strict=True) if ok)
+    problems = [r.problem for r in ranks if r.problem]
+    tokenizer_path = shards.tokenizer_path
+    return ShardSetReport(
+        path=str(path),
+        format_version=m.format_version,
+        tp_size=m.tp_size,
+        dtype=DTYPE_NAMES[m.dtype],
+        vocab_parallel=m.vocab_parallel,
+        model_args=model_args(m.config),
+        parameters=_parameters(m.config),
+        dense_bytes=dense,
+        source=m.source,
+        tokenizer=m.tokenizer,
+        tokenizer_present=tokenizer_path is not None and tokenizer_path.is_file(),
+        ranks=ranks,
+        block=block_flow(m.config, m.tp_size, m.dtype.itemsize),
+        plan=split,
+        integrity=Integrity(
+            files_present=sum(present),
+            files_expected=len(ranks),
+            sizes_match=all(present) and sizes,
+            sha256_checked=checksums,
+            ok=not problems,
+            problems=problems,
+        ),
+    )
+
+
+# --- a lone rank file -----------------------------------------------------------------------------
+
+
+@dataclass
+class StoredTensor:
+    name: str
+    dtype: str
+    shape: list[int]
+    bytes: int
+
+
+@dataclass
+class RankFileReport:
+    path: str
+    rank: int
+    tp_size: int
+    format_version: str
+    file_bytes: int
+    tensors: list[StoredTensor]
+    tensor_bytes: int
+    shard_set: str | None  # the directory whose manifest lists this file as this rank
+    sha256: str | None  # with checksums=True
+    sha256_matches: bool | None  # against that manifest; None when there is none or no checksum
+    kind: str = "rank_file"
+
+
+def rank_file_identity(path: Path) -> tuple[int, int, str] | None:
+    """(rank, tp_size, format version) from a .safetensors file's tpshard metadata; None when the file
+    is not a rank file (a dense safetensors checkpoint, say)."""
+    with open_rank_file(path) as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        return None
+    try:
+        return int(meta["rank"]), int(meta["tp_size"]), meta.get("format_version", "?")
+    except (KeyError, ValueError):
+        raise TpshardError(f"{path}: tpshard rank file with no valid rank / tp_size in its metadata ({meta})") from None
+
+
+def inspect_rank_file(path: Path, *, checksums: bool = False) -> RankFileReport:
+    identity = rank_file_identity(path)
+    if identity is None:
+        raise TpshardError(f"{path}: not a tpshard rank file (no tpshard metadata)")
+    rank, tp_size, version = identity
+    tensors = []
+    with open_rank_file(path) as f:
+        # in file order, as written (nanoGPT's state_dict order); keys() alone is sorted by name
+        names = f.offset_keys() if hasattr(f, "offset_keys") else f.keys()
+        for name in names:
+            sl = f.get_slice(name)
+            dtype, shape = SAFETENSORS_NAMES.get(sl.get_dtype(), sl.get_dtype()), list(sl.get_shape())
+            itemsize = DTYPES[dtype].itemsize if dtype in DTYPES else 0
+            tensors.append(StoredTensor(name, dtype, shape, itemsize * _numel(shape)))
+    listed = _listing(path, rank)
+    digest = sha256_file(path) if checksums else None
+    return RankFileReport(
+        path=str(path),
+        rank=rank,
+        tp_size=tp_size,
+        format_version=version,
+        file_bytes=path.stat().st_size,
+        tensors=tensors,
+        tensor_bytes=sum(t.bytes for t in tensors),
+        shard_set=str(path.parent) if listed else None,
+        sha256=digest,
+        sha256_matches=digest == listed["sha256"] if digest and listed else None,
+    )
+
+
+def _listing(path: Path, rank: int) -> dict | None:
+    """The manifest entry beside the file that lists it as this rank, if any (read as plain JSON: a
+    lone rank file is worth describing even when its set's manifest is damaged)."""
+    try:
+        files = json.loads((path.parent / MANIFEST).read_text(encoding="utf-8")).get("files", [])
+        return next((e for e in files if e.get("file") == path.name and e.get("rank") == rank), None)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# --- any path -------------------------------------------------------------------------------------
+
+Report = CheckpointReport | ShardSetReport | RankFileReport
+
+
+def inspect_path(
+    path: str | Path, *, tp: int | None = None, vocab_parallel: bool = False, checksums: bool = False
+) -> Report:
+    """Whatever is at path: a shard directory, a rank file, or a dense checkpoint (tp: how to split
+    it, 1 when None; for shards and rank files, tp must be the set's own, if given)."""
+    path = Path(path)
+    if not path.exists():
+        raise TpshardError(f"{path}: no such file or directory")
+    if path.is_dir() and not hf.is_hf_directory(path):
+        if not (path / MANIFEST).is_file():
+            raise TpshardError(
+                f"{path}: neither a shard directory (no {MANIFEST}) nor a Hugging Face GPT-2 directory "
+                "(no config.json); give a ckpt.pt, a shard directory or a rank file"
+            )
+        _already_split(path, ShardSet.open(path).tp_size, tp, vocab_parallel)
+        return inspect_shards(path, checksums=checksums)
+    identity = rank_file_identity(path) if path.suffix == ".safetensors" and path.is_file() else None
+    if identity is not None:
+        _already_split(path, identity[1], tp, vocab_parallel)
+        return inspect_rank_file(path, checksums=checksums)
+    return inspect_checkpoint(path, tp=tp or 1, vocab_parallel=vocab_parallel, checksums=checksums)
+
+
+def _already_split(path: Path, tp_size: int, tp: int | None, vocab_parallel: bool) -> None:
+    """--tp and --vocab-parallel describe a split to come; a shard set or rank file has had its own."""
+    if tp is not None and tp != tp_size:
+        shards = path if path.is_dir() else path.parent
+        raise TpshardError(
+            f"--tp {tp}: {path} is already split {tp_size} ways; reshard it: tpshard reshard {shards} --tp {tp} -o OUT"
+        )
+    if vocab_parallel:
+        raise TpshardError(f"--vocab-parallel: {path} is already split; its manifest says how")
+
+
+def to_json(report: Report) -> dict:
+    return asdict(report)

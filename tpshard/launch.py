@@ -1,0 +1,289 @@
+"""Distributed runs: one tensor-parallel rank per process, on one machine.
+
+    tpshard generate SHARDS --mode distributed --nproc 2           tpshard starts the 2 ranks itself
+    torchrun --nproc-per-node 2 -m tpshard generate SHARDS ...     each rank joins torchrun's group
+
+Either way every rank runs `fn(group, *args)`. tpshard starts its ranks with torch's own launcher engine
+(`elastic_launch`, the agent torchrun runs): the rendezvous store binds 127.0.0.1 port 0, so the kernel
+picks a free port and no race with another run is possible, and the ranks bootstrap from that store.
+
+Failures: a rank that raises reports its error, a killed rank closes its sockets (its peers' pending
+exchange fails at once), and the agent stops every other rank as soon as one exits non-zero. The
+parent then raises one TpshardError naming the rank that failed first, not the peers that merely lost it.
+
+The sync-point collective, measured on this machine (benchmarks/bench_inference.py prints the table;
+gloo, loopback, 2 processes x 1 thread on 2 shared cores; one token's activations, 768 floats = 3 KiB;
+mean per call, noisy to +-50%):
+
+                                     back to back    between 1 ms matmuls (as in a forward)
+    all_reduce                       0.9-1.8 ms      0.9-1.4 ms
+    all_gather_single, blocking      0.5-0.6 ms      0.5-1.2 ms
+    isend/irecv with each peer       0.2-0.5 ms      0.6-2.3 ms
+    all_gather_single, polled        0.2-0.4 ms      0.4-1.0 ms
+
+and in GPT-2 124M decoding, tp 2 (24 sync points per token, 7 runs each): blocking all_gather_single
+16-18 tokens/s, polled 17-27, 22 on average (dense: 25). A rank that blocks idles its virtual CPU, and
+waking it again takes milliseconds now and then; so a rank with a core of its own polls its
+collective, yielding the core to gloo's threads. all_gather_single then a sum in rank order rather
+than all_reduce: faster, and every rank adds the same partials in the same order, so the result is
+bit-identical on every rank, which keeps their residual streams, KV caches and logits identical. With
+NCCL the same collective is waited for on the stream, as usual.
+"""
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tpshard.errors import TpshardError
+
+# Starting the ranks, loading and checksumming a shard: generous.
+SETUP_TIMEOUT = timedelta(seconds=120)
+# One collective during generation, where every rank does the same work: a peer silent this long is
+# stuck (a dead one is noticed at once, its sockets close). Also how long a rank's exit may wait for
+# a collective left pending (gloo's process group waits for them when it is destroyed).
+STEP_TIMEOUT = timedelta(seconds=10)
+# How long a rank that lost a peer waits before exiting: far longer than the agent's 0.1 s monitoring.
+LINGER = timedelta(seconds=3)
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# torch 2.13 renamed all_gather_into_tensor; the old name remains for older releases
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class LostPeer(TpshardError):
+    """A collective failed: a consequence of another rank's failure, not the cause."""
+
+
+@dataclass
+class Group:
+    """This process's place in the tensor-parallel group, and the collectives generation needs."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    steps: dist.ProcessGroup  # the generation's collectives: the same ranks, with STEP_TIMEOUT
+    poll: bool = False  # wait for collectives by polling: on CPU, when every rank has a core of its own
+    seconds: float = 0.0  # spent in the collectives below, waiting for the other ranks included
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's x, stacked in rank order: [world_size, *x.shape], the same on every rank."""
+        parts = x.new_empty((self.world_size, *x.shape))
+        self._wait(lambda: _all_gather_single(parts.view(-1), x.contiguous().view(-1), group=self.steps, async_op=True))
+        return parts
+
+    def sum_across(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's x summed in rank order: bit-identical on every rank (see the module docstring)."""
+        return self.all_gather(x).sum(0)
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's x on every rank, in place."""
+        self._wait(lambda: dist.broadcast(x, src=0, group=self.steps, async_op=True))
+        return x
+
+    def _wait(self, start: Callable[[], dist.Work]) -> None:
+        """Run a collective to completion (see the module docstring): a failure, or on CPU no answer
+        within STEP_TIMEOUT, becomes LostPeer."""
+        begin = time.perf_counter()
+        try:
+            work = start()
+            if self.device.type == "cuda":
+                work.wait()  # ordered on the stream; NCCL's watchdog enforces the group's timeout
+            elif self.poll:
+                deadline = time.monotonic() + STEP_TIMEOUT.total_seconds()
+                while not work.is_completed():
+                    if time.monotonic() > deadline:
+                        raise LostPeer(f"no answer from the other ranks in {STEP_TIMEOUT.seconds} s: one is stuck")
+                    os.sched_yield()
+                work.wait()
+            else:
+                work.wait(STEP_TIMEOUT)
+        except RuntimeError as e:
+            raise _lost(e) from None
+        self.seconds += time.perf_counter() - begin
+
+    def barrier(self) -> None:
+        """Wait for every rank, for up to SETUP_TIMEOUT: before the first step, whose clock is shorter."""
+        try:
+            dist.barrier()
+        except RuntimeError as e:
+            raise _lost(e) from None
+
+    def gather(self, obj: object) -> list | None:
+        """Every rank's obj, in rank order, on rank 0 (None elsewhere)."""
+        gathered = [None] * self.world_size if self.rank == 0 else None
+        try:
+            dist.gather_object(obj, gathered, dst=0)
+        except RuntimeError as e:
+            raise _lost(e) from None
+        return gathered
+
+
+def _lost(e: Exception) -> LostPeer:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return LostPeer(f"lost contact with the other ranks ({first[:160]})")
+
+
+def started_by_torchrun() -> bool:
+    return all(name in os.environ for name in TORCHRUN_ENV)
+
+
+def run(fn: Callable[..., None], args: tuple, *, nproc: int, device: str) -> None:
+    """Run fn(group, *args) on nproc ranks: in this process when torchrun started it (one rank of its
+    group), else in nproc worker processes started here. device: "cpu" (gloo) or "cuda" (NCCL, rank
+    r on cuda:LOCAL_RANK). Raises TpshardError naming the failing rank when any rank fails."""
+    if device not in ("cpu", "cuda"):
+        raise TpshardError(f"--device {device}: distributed runs take cpu or cuda (each rank uses cuda:LOCAL_RANK)")
+    if started_by_torchrun():
+        _check_world(nproc)
+        _rank_main(fn, args, device, error_dir=None)
+    else:
+        _launch(fn, args, nproc, device)
+
+
+def _check_world(nproc: int) -> None:
+    world = int(os.environ["WORLD_SIZE"])
+    if world != nproc:
+        raise TpshardError(f"torchrun started {world} processes but this run needs {nproc} (one per shard rank)")
+
+
+# --- in each rank ---------------------------------------------------------------------------------
+
+
+def _rank_main(fn: Callable[..., None], args: tuple, device: str, error_dir: str | None) -> None:
+    """One rank: join the group, run fn, leave. A failure is raised as one TpshardError line (under
+    torchrun) or written for the launching parent, which reports it (under tpshard's own launch).
+    Ctrl-C is left to the caller."""
+    rank = int(os.environ["RANK"])
+    try:
+        group = _init_group(device)
+        fn(group, *args)
+        dist.destroy_process_group()  # not after a failure: the process exits, and a peer may be gone
+    except Exception as e:
+        message = str(e) if isinstance(e, TpshardError) else f"{type(e).__name__}: {e}"
+        message = " ".join(message.split())
+        if error_dir is None:
+            raise TpshardError(f"rank {rank}: {message}") from None
+        report = {"rank": rank, "message": message, "cause": not isinstance(e, LostPeer), "time": time.time()}
+        Path(error_dir, f"rank{rank}.json").write_text(json.dumps(report))
+        if isinstance(e, LostPeer):  # the launcher reports the first rank to exit: let it see the one that died
+            time.sleep(LINGER.total_seconds())  # (it stops this one meanwhile)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # now: interpreter teardown would wait for any collective left pending with a lost peer
+
+
+def _init_group(device: str) -> Group:
+    rank, world, local_rank = (int(os.environ[name]) for name in TORCHRUN_ENV)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if device == "cuda":
+        if torch.cuda.device_count() <= local_rank:
+            raise TpshardError(f"--device cuda: rank {rank} needs cuda:{local_rank}, {torch.cuda.device_count()} found")
+        where = torch.device("cuda", local_rank)
+        torch.cuda.set_device(where)
+        dist.init_process_group("nccl", timeout=SETUP_TIMEOUT, device_id=where)
+        poll = False
+    else:
+        where = torch.device("cpu")
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if "OMP_NUM_THREADS" not in os.environ:  # share the cores, as torchrun does with OMP_NUM_THREADS
+            torch.set_num_threads(max(1, cpus // local_world))
+        dist.init_process_group("gloo", timeout=SETUP_TIMEOUT)
+        poll = local_world <= cpus  # polling a core away from another rank's compute would be slower than blocking
+    return Group(rank, world, where, dist.new_group(timeout=STEP_TIMEOUT), poll)
+
+
+def _worker(fn: Callable[..., None], args: tuple, device: str, error_dir: str) -> None:
+    """The entrypoint of a worker process started by _launch."""
+    _die_with_parent()
+    # Ctrl-C reaches every rank, and the agent forwards it once more: leave at once, quietly (the
+    # parent reports the interruption)
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    os.environ["GLOO_SOCKET_IFNAME"] = _loopback_interface()
+    _rank_main(fn, args, device, error_dir)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when its launcher dies, so even a killed launcher leaves no
+    orphan (the agent stops the workers in every other case)."""
+    if sys.platform == "linux":
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _loopback_interface() -> str:
+    names = {name for _, name in socket.if_nameindex()}
+    return "lo0" if "lo0" in names and "lo" not in names else "lo"  # macOS names it lo0
+
+
+# --- in the launching process ---------------------------------------------------------------------
+
+
+def _launch(fn: Callable[..., None], args: tuple, nproc: int, device: str) -> None:
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if device == "cuda" and torch.cuda.device_count() < nproc:
+        raise TpshardError(
+            f"--device cuda: {nproc} ranks need {nproc} CUDA devices, one each; {torch.cuda.device_count()} found"
+        )
+    with tempfile.TemporaryDirectory(prefix="tpshard-launch-") as tmp:
+        errors = Path(tmp, "errors")
+        errors.mkdir()
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=nproc,
+            run_id=uuid.uuid4().hex,
+            rdzv_backend="c10d",
+            rdzv_endpoint="127.0.0.1:0",  # port 0: the store binds a free port, no race
+            rdzv_configs={"is_host": True, "timeout": int(SETUP_TIMEOUT.total_seconds())},
+            local_addr="127.0.0.1",  # the workers' MASTER_ADDR: loopback only
+            max_restarts=0,
+            start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=str(Path(tmp, "logs"))),
+            shutdown_timeout=2,  # SIGTERM, then SIGKILL 2 s later
+        )
+        logging.disable(logging.ERROR)  # the agent logs every failure with a traceback; we report one line
+        try:
+            elastic_launch(config, _worker)(fn, args, device, str(errors))
+        except ChildFailedError as e:
+            raise _first_failure(errors, e.failures) from None
+        except SignalException as e:
+            if e.sigval == signal.SIGINT:
+                raise KeyboardInterrupt from None
+            raise TpshardError(f"stopped by {signal.Signals(e.sigval).name}; every rank was stopped") from None
+        except Exception as e:  # the launcher itself failed (rendezvous, spawning)
+            raise TpshardError(f"could not start the ranks: {type(e).__name__}: {e}") from None
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+def _first_failure(errors: Path, failures: dict) -> TpshardError:
+    """The cause, in this order: an error a rank reported itself (the earliest); a rank that died
+    without reporting (killed, crashed); a rank that only lost contact with the others."""
+    reports = sorted((json.loads(p.read_text()) for p in errors.glob("rank*.json")), key=lambda r: r["time"])
+    causes = [r for r in reports if r["cause"]]
+    if causes:
+        return TpshardError(f"rank {causes[0]['rank']}: {causes[0]['message']}")
+    reported = {r["rank"] for r in reports}
+    for rank, failure in sorted(failures.items()):
+        if rank not in reported:
+            how = f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+            return TpshardError(f"rank {rank}: died without reporting an error ({how}); every rank was stopped")
+    if reports:
+        return TpshardError(f"rank {reports[0]['rank']}: {reports[0]['message']}")
+    return TpshardError("a rank failed without reporting an error; every rank was stopped")
