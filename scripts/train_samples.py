@@ -290,12 +290,8 @@ def train(r: Recipe, tok: Tokenizer, train_ids: list[int], val_ids: list[int], o
     path = out / "ckpt.pt"
     torch.save(checkpoint, path)
     size = path.stat().st_size
-    print(
-        f"   final ({r.final_eval_iters} eval batches): train {losses['train']:.4f}  val {losses['val']:.4f}"
-    )
-    print(
-        f"   {train_seconds:.1f}s training, {seconds:.1f}s with the final eval; {path}: {size / 1e6:.2f} MB"
-    )
+    print(f"   final ({r.final_eval_iters} eval batches): train {losses['train']:.4f}  val {losses['val']:.4f}")
+    print(f"   {train_seconds:.1f}s training, {seconds:.1f}s with the final eval; {path}: {size / 1e6:.2f} MB")
     if size > MAX_BYTES:
         raise SystemExit(f"{path} is {size:,} bytes, over the {MAX_BYTES:,} limit")
     print("   sample (temperature 0.8, top_k 200, 200 tokens):\n" + "-" * 80)
@@ -306,9 +302,7 @@ def train(r: Recipe, tok: Tokenizer, train_ids: list[int], val_ids: list[int], o
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("text", type=Path, help="training text, e.g. tinyshakespeare.txt")
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parents[1] / "sample_checkpoints"
-    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "sample_checkpoints")
     parser.add_argument("--only", choices=["char", "bpe"], help="train just one of the two")
     parser.add_argument("--max-iters", type=int, help="override the iterations (for a quick smoke run)")
     args = parser.parse_args(argv)

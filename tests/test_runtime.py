@@ -110,6 +110,19 @@ def test_generation_past_block_size_matches_nanogpt(models: dict, tp: int, greed
 
 
 @torch.inference_mode()
+def test_generate_runs_one_forward_per_token(models: dict) -> None:
+    """Consumed to the end (list()), generate still computes no logits after the last token."""
+    model = models[True, 2][1]
+    forwards: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _, args: forwards.append(args[0].size(1)))
+    try:
+        got = list(generate(model, tokens(1, 6), 4, TokenPicker(Sampling(greedy=True))))
+    finally:
+        hook.remove()
+    assert len(got) == 4 and forwards == [6, 1, 1, 1]
+
+
+@torch.inference_mode()
 def test_runner_counts_what_it_did(models: dict) -> None:
     model = models[True, 2][1]
     model.reduce.reset()

@@ -339,17 +339,13 @@ def test_find_tokenizer_refuses_a_bigger_vocabulary_than_the_model(layout):
 
 
 def test_shipped_char_sample_tokenizer():
-    tok = tk.find_tokenizer(
-        SAMPLES / "shakespeare_char" / "ckpt.pt", dataset="shakespeare_char", vocab_size=65
-    )
+    tok = tk.find_tokenizer(SAMPLES / "shakespeare_char" / "ckpt.pt", dataset="shakespeare_char", vocab_size=65)
     assert tok.vocab_size == 65 and tok.source == SAMPLES / "shakespeare_char" / "meta.pkl"
     assert tok.decode(tok.encode(SHAKESPEARE)) == SHAKESPEARE
 
 
 def test_shipped_bpe_sample_tokenizer():
-    tok = tk.find_tokenizer(
-        SAMPLES / "shakespeare_bpe" / "ckpt.pt", dataset="shakespeare_bpe", vocab_size=512
-    )
+    tok = tk.find_tokenizer(SAMPLES / "shakespeare_bpe" / "ckpt.pt", dataset="shakespeare_bpe", vocab_size=512)
     assert tok.vocab_size == 512 and tok.source == SAMPLES / "shakespeare_bpe" / "shakespeare_bpe.tiktoken"
     ids = tok.encode(SHAKESPEARE)
     assert len(ids) < len(SHAKESPEARE.encode()) / 1.5  # the merges compress English

@@ -7,7 +7,6 @@ often twice the model's size, is never read from disk.
 import contextlib
 import fcntl
 import json
-import math
 import os
 import pickle
 import re
@@ -397,23 +396,3 @@ def load_safetensors_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(
         path=path, config=config, state_dict=clean_state_dict(state, config, path), **bookkeeping(fields, path)
     )
-
-
-def check_tp(config: GPTConfig, tp_size: int) -> None:
-    """Megatron needs whole heads and an equal share of the MLP on every rank; say which one fails."""
-    if tp_size < 1:
-        raise TpshardError(f"--tp {tp_size}: must be at least 1; valid tp sizes for this model: {_valid(config)}")
-    failing = [f"{name}={n}" for name, n in (("n_head", config.n_head), ("4*n_embd", 4 * config.n_embd)) if n % tp_size]
-    if failing:
-        raise TpshardError(
-            f"--tp {tp_size} does not divide {' nor '.join(failing)}: every rank needs whole heads; "
-            f"valid tp sizes for this model: {_valid(config)}"
-        )
-
-
-def _valid(config: GPTConfig) -> str:
-    """plan.valid_tp_sizes' list, found in sqrt(n) steps: it tries every n up to n_head, which takes
-    minutes for the n_head=10**9 of a forged manifest."""
-    n = math.gcd(config.n_head, 4 * config.n_embd)
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    return ", ".join(map(str, sorted({*small, *(n // d for d in small)})))

@@ -49,9 +49,11 @@ def generate(
     block_size = model.config.block_size
     cache = KVCache(model, idx.size(0))
     logits = model(idx[:, -block_size:], cache, last_only=True)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         token = pick(logits[:, -1])
         yield token
+        if step == max_new_tokens - 1:
+            return  # the last token needs no forward of its own
         idx = torch.cat([idx, token[:, None]], dim=1)
         if cache.length < block_size:
             logits = model(idx[:, -1:], cache, last_only=True)

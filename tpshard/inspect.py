@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from tpshard import hf, plan
-from tpshard.checkpoint import Checkpoint, check_tp, load_checkpoint, model_args, read_checkpoint_file
+from tpshard.checkpoint import Checkpoint, load_checkpoint, model_args, read_checkpoint_file
 from tpshard.errors import TpshardError
-from tpshard.model import GPTConfig
+from tpshard.model import GPTConfig, check_tp, valid_tp_sizes
 from tpshard.shards import (
     DTYPE_NAMES,
     DTYPES,
@@ -117,7 +117,7 @@ def split_plan(config: GPTConfig, dtype: torch.dtype, tp_size: int = 1, vocab_pa
     payload = config.n_embd * itemsize
     return SplitPlan(
         tp_size=tp_size,
-        valid_tp_sizes=plan.valid_tp_sizes(config),
+        valid_tp_sizes=valid_tp_sizes(config),
         vocab_parallel=vocab_parallel,
         dtype=DTYPE_NAMES[dtype],
         tensors=tensors,

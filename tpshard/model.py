@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from tpshard.errors import TpshardError
+
 
 @dataclass
 class GPTConfig:
@@ -178,7 +180,7 @@ class GPT(nn.Module):
         gather: Gather = local_logits,
     ):
         super().__init__()
-        check_divides(config, placement.tp_size)
+        check_tp(config, placement.tp_size)
         self.config = config
         self.placement = placement
         self.reduce = reduce
@@ -189,8 +191,8 @@ class GPT(nn.Module):
             vocab_rows = self.vocab_slice * len(placement.ranks)
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(vocab_rows, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
+                wte=_embedding(vocab_rows, config.n_embd),
+                wpe=_embedding(config.block_size, config.n_embd),
                 h=nn.ModuleList([Block(config, placement) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
             )
@@ -262,13 +264,30 @@ class GPT(nn.Module):
         return self.reduce(partials)
 
 
-def check_divides(config: GPTConfig, tp_size: int) -> None:
-    """Megatron needs whole heads (and so whole MLP columns) on every rank."""
-    if tp_size < 1 or config.n_head % tp_size or (4 * config.n_embd) % tp_size:
-        valid = [n for n in range(1, config.n_head + 1) if config.n_head % n == 0]
-        raise ValueError(
-            f"--tp {tp_size} does not divide n_head={config.n_head} (and 4*n_embd={4 * config.n_embd}); "
-            f"valid tp sizes: {', '.join(map(str, valid))}"
+def _embedding(rows: int, dim: int) -> nn.Embedding:
+    """An embedding whose weights will come from a checkpoint (or random_weights). Zeros skip
+    nn.Embedding's normal_ init, which imports torch._dynamo (about 2 s and 70 MB per rank process)."""
+    return nn.Embedding(rows, dim, _weight=torch.zeros(rows, dim))
+
+
+def valid_tp_sizes(config: GPTConfig) -> list[int]:
+    """Every N that gives each rank whole heads and an equal share of the MLP's 4*n_embd units: the
+    divisors of their gcd, found in sqrt steps (a forged n_head can be 10**9)."""
+    n = math.gcd(config.n_head, 4 * config.n_embd)
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
+
+
+def check_tp(config: GPTConfig, tp_size: int) -> None:
+    """Megatron needs whole heads and an equal share of the MLP on every rank; say which one fails."""
+    valid = ", ".join(map(str, valid_tp_sizes(config)))
+    if tp_size < 1:
+        raise TpshardError(f"--tp {tp_size}: must be at least 1; valid tp sizes for this model: {valid}")
+    failing = [f"{name}={n}" for name, n in (("n_head", config.n_head), ("4*n_embd", 4 * config.n_embd)) if n % tp_size]
+    if failing:
+        raise TpshardError(
+            f"--tp {tp_size} does not divide {' nor '.join(failing)}: every rank needs whole heads; "
+            f"valid tp sizes for this model: {valid}"
         )
 
 

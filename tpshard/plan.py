@@ -13,7 +13,6 @@ vocabulary rows instead, padded with zero rows to a multiple of N: an extra redu
 embeddings, and the vocab-sliced logits are gathered.
 """
 
-import math
 from enum import StrEnum
 
 import torch
@@ -139,9 +138,7 @@ def load_local_ranks(config: GPTConfig, placement: Placement, pieces: dict[str, 
     return state
 
 
-def piece_shape(
-    name: str, dense_shape: tuple[int, ...], tp_size: int, vocab_parallel: bool = False
-) -> tuple[int, ...]:
+def piece_shape(name: str, dense_shape: tuple[int, ...], tp_size: int, vocab_parallel: bool = False) -> tuple[int, ...]:
     rule = rule_for(name, vocab_parallel)
     shape = list(dense_shape)
     if rule is Rule.VOCAB:
@@ -149,14 +146,6 @@ def piece_shape(
     elif rule.dim is not None:
         shape[rule.dim] //= tp_size
     return tuple(shape)
-
-
-def valid_tp_sizes(config: GPTConfig) -> list[int]:
-    """Every N that gives each rank whole heads and an equal share of the MLP's 4*n_embd units: the
-    divisors of their gcd, found in sqrt steps (a forged n_head can be 10**9)."""
-    n = math.gcd(config.n_head, 4 * config.n_embd)
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    return sorted({*small, *(n // d for d in small)})
 
 
 def sync_points(config: GPTConfig, vocab_parallel: bool = False) -> int:

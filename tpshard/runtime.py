@@ -12,7 +12,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -194,8 +193,7 @@ class Runner:
         """Yield max_new_tokens token ids continuing prompt (batch 1)."""
         idx = torch.tensor([prompt], dtype=torch.long, device=self.device)
         self._stats.samples += 1
-        # islice stops before generate() computes a forward for a token nobody asked for
-        tokens = islice(generate(self.model, idx, max_new_tokens, self._pick), max_new_tokens)
+        tokens = generate(self.model, idx, max_new_tokens, self._pick)
         start = time.perf_counter()
         for i, token in enumerate(tokens):
             value = int(token[0])  # waits for the device, so the time below is real

@@ -31,14 +31,13 @@ from tpshard.checkpoint import (
     MIN_TENSORS_PER_LAYER,
     Checkpoint,
     bookkeeping,
-    check_tp,
     config_from_model_args,
     hold,
     remove_orphans,
     write_failure,
 )
 from tpshard.errors import TpshardError
-from tpshard.model import GPTConfig
+from tpshard.model import GPTConfig, check_tp
 
 FORMAT = "tpshard"
 FORMAT_VERSION = 1

@@ -25,7 +25,6 @@ import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -590,8 +589,7 @@ def _greedy(
         token = picker(logits)
         return share(token) if share else token
 
-    # islice: no forward for a token nobody asked for
-    tokens = list(islice(generate(model, idx, new_tokens, pick), new_tokens))
+    tokens = list(generate(model, idx, new_tokens, pick))
     B = idx.size(0)
     if not tokens:
         return torch.empty(B, 0, dtype=torch.long), torch.empty(B, 0, 2)

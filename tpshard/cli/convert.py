@@ -24,8 +24,8 @@ class MergeFormat(StrEnum):
     hf = "hf"
 
 
-def _files_table(title: str, manifest, directory: Path) -> Table:
-    table = Table(title=title, title_justify="left")
+def _files_table(manifest, directory: Path) -> Table:
+    table = Table()
     table.add_column("rank", justify="right")
     table.add_column("file")
     table.add_column("bytes", justify="right")
@@ -63,7 +63,7 @@ def split(
     checkpoint: Path = typer.Argument(..., help="nanoGPT ckpt.pt (as train.py writes it).", callback=existing),
     tp: int = typer.Option(..., "--tp", help="Tensor-parallel size N; must divide n_head."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory for the shard set.", callback=existing),
-    dtype: DType | None = typer.Option(None, help="Store the shards in this dtype [default: the checkpoint's]."),
+    dtype: DType | None = typer.Option(None, help="Store the shards in this dtype (default: the checkpoint's)."),
     tokenizer: Path | None = typer.Option(None, help="Tokenizer to ship with the shards (meta.pkl or .tiktoken)."),
     vocab_parallel: bool = typer.Option(
         False,
@@ -98,7 +98,8 @@ def split(
             progress=progress,
         )
     layout = f"tp {tp}, {dtype or 'source dtype'}" + (", vocab-parallel" if vocab_parallel else "")
-    stdout.print(_files_table(f"{checkpoint} -> {out} ({layout})", manifest, out))
+    stdout.print(f"{checkpoint} -> {out} ({layout})")
+    stdout.print(_files_table(manifest, out))
     if ckpt.has_optimizer:
         stdout.print("optimizer state left out (not needed for inference; it was never read)")
     if manifest.tokenizer:
@@ -162,4 +163,5 @@ def reshard(
     total = tp * shard_set.manifest.dense_bytes()
     with byte_progress(f"reshard {shard_set.tp_size} -> {tp}", total) as progress:
         manifest = reshard_set(shard_set, tp, out, force=force, progress=progress)
-    stdout.print(_files_table(f"{shards} (tp {shard_set.tp_size}) -> {out} (tp {tp})", manifest, out))
+    stdout.print(f"{shards} (tp {shard_set.tp_size}) -> {out} (tp {tp})")
+    stdout.print(_files_table(manifest, out))
