@@ -9,6 +9,7 @@ import pickle
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -182,3 +183,25 @@ def test_a_killed_rank_stops_every_rank(model: tuple[Path, Path]) -> None:
     )
     assert "Traceback" not in err
     assert_all_gone(run.seen)
+
+
+def test_a_rank_that_cannot_reach_the_store_gives_up(model: tuple[Path, Path]) -> None:
+    """Rank 1 of a torchrun-style group whose store is not there (a free loopback port nobody listens
+    on): it gives up within 10 s of trying, with one line naming the rank, the store and the way out."""
+    _, shards = model
+    with socket.socket() as probe:  # a free port, closed again: connecting to it is refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    start = time.monotonic()
+    result = subprocess.run(
+        [*GENERATE, str(shards), "--mode", "distributed"], env=env, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert time.monotonic() - start < 10 + 10  # + starting Python and torch
+    assert result.returncode == 2 and result.stdout == ""
+    assert re.fullmatch(
+        rf"tpshard: error: rank 1: could not reach the rendezvous store at 127\.0\.0\.1:{port} .*"
+        r"MASTER_ADDR / MASTER_PORT.*\n",
+        result.stderr,
+    )

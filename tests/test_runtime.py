@@ -96,13 +96,15 @@ def nanogpt_generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, pick) -
     return idx[0].tolist()
 
 
+@pytest.mark.parametrize("n", [7, 2 * BIAS.block_size], ids=["within-block", "past-block"])
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("tp", [1, 4])
 @torch.inference_mode()
-def test_generation_past_block_size_matches_nanogpt(models: dict, tp: int, greedy: bool) -> None:
+def test_generation_matches_nanogpt(models: dict, tp: int, greedy: bool, n: int) -> None:
+    """7 tokens: the cache is sized to the 11 tokens fed. 32: well past the 16-token window, every
+    step after the 11th crops and recomputes."""
     dense, simulated = models[True, tp]
     prompt = tokens(1, 5, seed=3)
-    n = 2 * BIAS.block_size  # well past the 16-token window: every step after the 11th crops
     sampling = Sampling(greedy=greedy, temperature=1.0, top_k=None, seed=7)
     expected = nanogpt_generate(dense, prompt, n, TokenPicker(sampling))
     got = [int(t) for t in generate(simulated, prompt, n, TokenPicker(sampling))]

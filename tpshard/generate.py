@@ -46,9 +46,13 @@ def generate(
     one token per step through the KV cache. Like nanoGPT, the context is cropped to block_size once
     the sequence outgrows it; positions then shift, which invalidates the cache, so each such step
     recomputes the cropped window, exactly as nanoGPT's generate does."""
+    if max_new_tokens < 1:
+        return
     block_size = model.config.block_size
-    cache = KVCache(model, idx.size(0))
-    logits = model(idx[:, -block_size:], cache, last_only=True)
+    prompt = idx[:, -block_size:]
+    # the cache holds the whole sequence unless it outgrows block_size (the last token is never fed)
+    cache = KVCache(model, idx.size(0), capacity=prompt.size(1) + max_new_tokens - 1)
+    logits = model(prompt, cache, last_only=True)
     for step in range(max_new_tokens):
         token = pick(logits[:, -1])
         yield token

@@ -50,6 +50,10 @@ import torch.distributed as dist
 
 from tpshard.errors import TpshardError
 
+# Reaching the rendezvous store at start: a store that does not answer this long is not there (a wrong
+# MASTER_ADDR/PORT, a dead agent). TCPStore gives up after about twice its timeout (measured, torch 2.13):
+# 5 s ends such a rank within 10 s.
+CONNECT_TIMEOUT = timedelta(seconds=5)
 # Starting the ranks, loading and checksumming a shard: generous.
 SETUP_TIMEOUT = timedelta(seconds=120)
 # One collective during generation, where every rank does the same work: a peer silent this long is
@@ -74,6 +78,7 @@ class Group:
     rank: int
     world_size: int
     device: torch.device
+    setup: dist.ProcessGroup  # waiting for every rank to load its shard, gathering reports: SETUP_TIMEOUT
     steps: dist.ProcessGroup  # the generation's collectives: the same ranks, with STEP_TIMEOUT
     poll: bool = False  # wait for collectives by polling: on CPU, when every rank has a core of its own
     seconds: float = 0.0  # spent in the collectives below, waiting for the other ranks included
@@ -117,7 +122,7 @@ class Group:
     def barrier(self) -> None:
         """Wait for every rank, for up to SETUP_TIMEOUT: before the first step, whose clock is shorter."""
         try:
-            dist.barrier()
+            dist.barrier(group=self.setup)
         except RuntimeError as e:
             raise _lost(e) from None
 
@@ -125,7 +130,7 @@ class Group:
         """Every rank's obj, in rank order, on rank 0 (None elsewhere)."""
         gathered = [None] * self.world_size if self.rank == 0 else None
         try:
-            dist.gather_object(obj, gathered, dst=0)
+            dist.gather_object(obj, gathered, dst=0, group=self.setup)
         except RuntimeError as e:
             raise _lost(e) from None
         return gathered
@@ -193,16 +198,36 @@ def _init_group(device: str) -> Group:
             raise TpshardError(f"--device cuda: rank {rank} needs cuda:{local_rank}, {torch.cuda.device_count()} found")
         where = torch.device("cuda", local_rank)
         torch.cuda.set_device(where)
-        dist.init_process_group("nccl", timeout=SETUP_TIMEOUT, device_id=where)
+        _join("nccl", rank, world, device_id=where)
         poll = False
     else:
         where = torch.device("cpu")
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         if "OMP_NUM_THREADS" not in os.environ:  # share the cores, as torchrun does with OMP_NUM_THREADS
             torch.set_num_threads(max(1, cpus // local_world))
-        dist.init_process_group("gloo", timeout=SETUP_TIMEOUT)
+        _join("gloo", rank, world)
         poll = local_world <= cpus  # polling a core away from another rank's compute would be slower than blocking
-    return Group(rank, world, where, dist.new_group(timeout=STEP_TIMEOUT), poll)
+    setup, steps = dist.new_group(timeout=SETUP_TIMEOUT), dist.new_group(timeout=STEP_TIMEOUT)
+    return Group(rank, world, where, setup, steps, poll)
+
+
+def _join(backend: str, rank: int, world: int, **options: object) -> None:
+    """Join the group through the store at MASTER_ADDR:MASTER_PORT (torchrun's agent hosts it, or else
+    rank 0), giving up soon when it does not answer; then wait up to SETUP_TIMEOUT for the other ranks."""
+    address, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    hosted_by_rank0 = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    try:
+        store = dist.TCPStore(
+            address, port, world, is_master=hosted_by_rank0, timeout=CONNECT_TIMEOUT, wait_for_workers=False
+        )
+    except (RuntimeError, TimeoutError) as e:  # DistNetworkError, DistStoreError are RuntimeErrors
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise TpshardError(
+            f"could not reach the rendezvous store at {address}:{port} ({first}); "
+            "check MASTER_ADDR / MASTER_PORT and that the store's host (rank 0, or torchrun) is running"
+        ) from None
+    store.set_timeout(SETUP_TIMEOUT)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=SETUP_TIMEOUT, **options)
 
 
 def _worker(fn: Callable[..., None], args: tuple, device: str, error_dir: str) -> None:

@@ -93,9 +93,12 @@ def row_parallel(x: torch.Tensor, linear: nn.Linear, reduce: Reduce) -> torch.Te
 class KVCache:
     """Keys and values of the tokens seen so far, per layer, for this process's heads only."""
 
-    def __init__(self, model: "GPT", batch_size: int):
+    def __init__(self, model: "GPT", batch_size: int, capacity: int | None = None):
+        """capacity: the most tokens it will hold (default and at most block_size); memory is
+        allocated for that many up front."""
         attn = model.transformer.h[0].attn
-        shape = (batch_size, attn.n_local_heads, model.config.block_size, attn.head_size)
+        self.capacity = min(capacity or model.config.block_size, model.config.block_size)
+        shape = (batch_size, attn.n_local_heads, self.capacity, attn.head_size)
         param = model.lm_head.weight
         self.keys = [param.new_empty(shape) for _ in range(model.config.n_layer)]
         self.values = [param.new_empty(shape) for _ in range(model.config.n_layer)]
@@ -231,8 +234,10 @@ class GPT(nn.Module):
         """
         T = idx.size(1)
         start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        limit = cache.capacity if cache is not None else self.config.block_size
+        if start + T > limit:
+            what = "block_size" if limit == self.config.block_size else "the KV cache's capacity"
+            raise ValueError(f"sequence of {start + T} tokens exceeds {what} {limit}")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.embed(idx) + self.transformer.wpe(pos)
         if hidden_states is not None:

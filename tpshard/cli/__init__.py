@@ -1,5 +1,6 @@
 """The command-line face of tpshard: parse, call the core, render. See app.py."""
 
+import os
 import sys
 
 from tpshard.cli import convert, generate, inspect, verify  # noqa: F401  (registers the commands)
@@ -8,6 +9,9 @@ from tpshard.errors import TpshardError
 
 
 def main() -> None:
+    # c10d logs its own errors (a lost peer, a store that does not answer) as extra lines on stderr;
+    # tpshard reports each failure as one line. Read when torch loads, which commands do lazily.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     try:
         app()
     except TpshardError as e:
