@@ -3,6 +3,8 @@ decodes UTF-8 split across tokens, bad input is one line with exit code 2."""
 
 import base64
 import pickle
+import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +145,25 @@ def test_bad_checkpoint_is_one_line_and_exit_2(tmp_path: Path) -> None:
     )
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("tpshard: error: ") and "missing.pt" in run.stderr
+
+
+def test_ctrl_c_is_one_line_and_exit_130(shards: Path) -> None:
+    """SIGINT while tokens stream: the text so far, then one line on stderr, exit code 130."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tpshard", "generate", shards, "--max-new-tokens", "1000000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready and proc.stdout.read1(1)  # generating
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130
+    assert err.decode().splitlines()[-1] == "tpshard: interrupted" and b"Traceback" not in err
 
 
 def test_bad_requests_are_clear_errors(ckpt: Path, shards: Path, tmp_path: Path) -> None:

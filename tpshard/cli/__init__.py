@@ -18,6 +18,7 @@ def main() -> None:
         message = " ".join(str(e).split())  # one line, whatever the cause
         print(f"tpshard: error: {message}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("tpshard: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except SystemExit as e:
+        if e.code == 130:  # typer turns Ctrl-C into exit code 130, silently
+            print("tpshard: interrupted", file=sys.stderr)
+        raise
