@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from tpshard.errors import TpshardError
+from tpshard.errors import TpshardError, first_line
 from tpshard.model import GPT, GPTConfig
 from tpshard.plan import TIED, dense_shapes
 
@@ -76,15 +76,13 @@ def read_checkpoint_file(path: Path) -> dict:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
         raise TpshardError(
-            f"{path}: refused to unpickle: the file holds more than tensors and plain data ({first[:200]}); "
+            f"{path}: refused to unpickle: the file holds more than tensors and plain data ({first_line(e)}); "
             "tpshard never runs code from a checkpoint"
         ) from None
     except Exception as e:  # a damaged pickle fails in the unpickler's own ways: KeyError, TypeError, IndexError...
-        first = (str(e).strip().splitlines() or [""])[0]
         raise TpshardError(
-            f"{path}: unreadable checkpoint ({type(e).__name__}: {first[:200]}); is the file truncated or damaged?"
+            f"{path}: unreadable checkpoint ({type(e).__name__}: {first_line(e)}); is the file truncated or damaged?"
         ) from None
 
 
@@ -95,8 +93,9 @@ def _check_uncompressed(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             packed = [i for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
     except Exception as e:  # zipfile's many ways of failing: BadZipFile, EOFError, NotImplementedError...
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise TpshardError(f"{path}: unreadable zip archive ({type(e).__name__}: {first}); is it damaged?") from None
+        raise TpshardError(
+            f"{path}: unreadable zip archive ({type(e).__name__}: {first_line(e)}); is it damaged?"
+        ) from None
     if packed:
         raise TpshardError(
             f"{path}: {packed[0].filename} is compressed ({packed[0].file_size:,} bytes inflated), which "
@@ -309,9 +308,7 @@ def atomic_write(path: Path, write) -> None:
         raise TpshardError(f"{path.parent}: cannot write here ({e.strerror})") from None
     try:
         hold(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 is for the temporary name only
+        os.fchmod(fd, under_umask(0o666))  # mkstemp's 0600 is for the temporary name only
         write(Path(tmp))
         os.fsync(fd)  # the data on disk before the name points at it
         os.replace(tmp, path)
@@ -323,6 +320,13 @@ def atomic_write(path: Path, write) -> None:
         raise
     finally:
         os.close(fd)
+
+
+def under_umask(mode: int) -> int:
+    """mode as the umask leaves it: what a plain open() or mkdir() would have given the output."""
+    umask = os.umask(0)  # reading the umask means setting it: put it back at once
+    os.umask(umask)
+    return mode & ~umask
 
 
 def hold(fd: int) -> None:
@@ -360,8 +364,7 @@ def write_failure(e: BaseException) -> str:
     """Why a write failed, in a few words: the OS's reason, or the first line of torch's or safetensors'."""
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    return f"{first}; is the disk full?"
+    return f"{first_line(e) or type(e).__name__}; is the disk full?"
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tpshard.errors import TpshardError
+from tpshard.errors import TpshardError, first_line
 
 # Reaching the rendezvous store at start: a store that does not answer this long is not there (a wrong
 # MASTER_ADDR/PORT, a dead agent). TCPStore gives up after about twice its timeout (measured, torch 2.13):
@@ -137,8 +137,7 @@ class Group:
 
 
 def _lost(e: Exception) -> LostPeer:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return LostPeer(f"lost contact with the other ranks ({first[:160]})")
+    return LostPeer(f"lost contact with the other ranks ({first_line(e, 160) or type(e).__name__})")
 
 
 def started_by_torchrun() -> bool:
@@ -221,7 +220,7 @@ def _join(backend: str, rank: int, world: int, **options: object) -> None:
             address, port, world, is_master=hosted_by_rank0, timeout=CONNECT_TIMEOUT, wait_for_workers=False
         )
     except (RuntimeError, TimeoutError) as e:  # DistNetworkError, DistStoreError are RuntimeErrors
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        first = first_line(e, 160) or type(e).__name__
         raise TpshardError(
             f"could not reach the rendezvous store at {address}:{port} ({first}); "
             "check MASTER_ADDR / MASTER_PORT and that the store's host (rank 0, or torchrun) is running"

@@ -285,15 +285,19 @@ def valid_tp_sizes(config: GPTConfig) -> list[int]:
 
 def check_tp(config: GPTConfig, tp_size: int) -> None:
     """Megatron needs whole heads and an equal share of the MLP on every rank; say which one fails."""
-    valid = ", ".join(map(str, valid_tp_sizes(config)))
     if tp_size < 1:
-        raise TpshardError(f"--tp {tp_size}: must be at least 1; valid tp sizes for this model: {valid}")
+        raise TpshardError(f"--tp {tp_size}: must be at least 1; valid tp sizes for this model: {_listed(config)}")
     failing = [f"{name}={n}" for name, n in (("n_head", config.n_head), ("4*n_embd", 4 * config.n_embd)) if n % tp_size]
     if failing:
         raise TpshardError(
             f"--tp {tp_size} does not divide {' nor '.join(failing)}: every rank needs whole heads; "
-            f"valid tp sizes for this model: {valid}"
+            f"valid tp sizes for this model: {_listed(config)}"
         )
+
+
+def _listed(config: GPTConfig) -> str:
+    """valid_tp_sizes for an error message: computed only there, not on every model build."""
+    return ", ".join(map(str, valid_tp_sizes(config)))
 
 
 def parameter_count(config: GPTConfig) -> int:

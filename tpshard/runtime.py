@@ -62,11 +62,13 @@ def sharded_model(
     gather: Gather = local_logits,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    checksum: bool = True,
 ) -> GPT:
     """A GPT holding the given ranks' slices, read from their files only (simulated: all ranks).
-    gather: how a vocab-parallel set's logits are collected from the other processes."""
+    gather: how a vocab-parallel set's logits are collected from the other processes.
+    checksum: check each file's sha256 first (False: the caller just did)."""
     placement = Placement(shards.tp_size, tuple(ranks), shards.manifest.vocab_parallel)
-    pieces = shards.load_pieces(list(ranks))
+    pieces = shards.load_pieces(list(ranks), checksum=checksum)
     state = plan.load_local_ranks(shards.manifest.config, placement, pieces)
     model = GPT.from_state_dict(shards.manifest.config, state, placement, reduce or CountingReduce(), gather)
     return model.to(device=device, dtype=dtype)
@@ -82,19 +84,33 @@ def open_source(path: str | Path) -> Checkpoint | ShardSet:
 
 
 def dense_model(
-    source: Checkpoint | ShardSet, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    source: Checkpoint | ShardSet,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    checksum: bool = True,
 ) -> GPT:
-    """The whole model: a checkpoint as is, or a shard set merged in memory (checksums verified)."""
-    checkpoint = source if isinstance(source, Checkpoint) else merge_shards(source)
+    """The whole model: a checkpoint as is, or a shard set merged in memory (checksums verified
+    unless checksum=False)."""
+    checkpoint = source if isinstance(source, Checkpoint) else merge_shards(source, checksum=checksum)
     return checkpoint.model(device, dtype)
 
 
-def simulated_model(shards: ShardSet, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
+def simulated_model(
+    shards: ShardSet,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    checksum: bool = True,
+) -> GPT:
     """Every rank in this process; the reduction sums the local ranks' partials."""
-    return sharded_model(shards, list(range(shards.tp_size)), CountingReduce(), device=device, dtype=dtype)
+    ranks = list(range(shards.tp_size))
+    return sharded_model(shards, ranks, CountingReduce(), device=device, dtype=dtype, checksum=checksum)
 
 
-def distributed_model(shards: ShardSet, group: "Group", *, dtype: torch.dtype | None = None) -> GPT:
+def distributed_model(
+    shards: ShardSet, group: "Group", *, dtype: torch.dtype | None = None, checksum: bool = True
+) -> GPT:
     """This process's rank only, read from its own file. The reduction
     adds the other ranks' partials through group.sum_across; the logits are vocabulary-parallel, from
     the split itself (split --vocab-parallel) or else from VocabParallelHead."""
@@ -103,7 +119,9 @@ def distributed_model(shards: ShardSet, group: "Group", *, dtype: torch.dtype | 
         return torch.cat(group.all_gather(logits).unbind(0), dim=-1)
 
     reduce = CountingReduce(across=group.sum_across)
-    model = sharded_model(shards, [group.rank], reduce, gather=gather, device=group.device, dtype=dtype)
+    model = sharded_model(
+        shards, [group.rank], reduce, gather=gather, device=group.device, dtype=dtype, checksum=checksum
+    )
     if not shards.manifest.vocab_parallel:
         model.lm_head = VocabParallelHead(model.lm_head.weight, group.rank, group.world_size, gather)
     group.barrier()  # every rank loaded (and checksummed) its shard before the first step's timeout starts
@@ -122,7 +140,7 @@ class VocabParallelHead(nn.Module):
         super().__init__()
         self.weight = weight  # the whole tied embedding: the KV cache and callers read its dtype and device
         self.rank, self.gather = rank, gather
-        self.rows = -(-weight.size(0) // world_size)  # padded up: the last rank's share may be shorter
+        self.rows = plan.vocab_slice(weight.size(0), world_size)  # padded up: the last rank's share may be shorter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mine = F.linear(x, self.weight[self.rank * self.rows : (self.rank + 1) * self.rows])

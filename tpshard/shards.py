@@ -34,6 +34,7 @@ from tpshard.checkpoint import (
     config_from_model_args,
     hold,
     remove_orphans,
+    under_umask,
     write_failure,
 )
 from tpshard.errors import TpshardError
@@ -161,9 +162,7 @@ def atomic_directory(out_dir: Path, force: bool) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=parent))
         lock = os.open(tmp, os.O_RDONLY)
         hold(lock)  # until the rename: a run killed before it leaves an orphan that a later run removes
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 is for the temporary name only
+        tmp.chmod(under_umask(0o777))  # mkdtemp's 0700 is for the temporary name only
     except OSError as e:
         raise TpshardError(f"{parent}: cannot write here ({e.strerror})") from None
     try:
@@ -467,22 +466,20 @@ def open_rank_file(path: Path):
         raise TpshardError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def merge_shards(shards: ShardSet, *, progress: Progress | None = None) -> Checkpoint:
-    """The dense checkpoint back from every rank's file (each checked against its sha256 first)."""
+def merge_shards(shards: ShardSet, *, checksum: bool = True, progress: Progress | None = None) -> Checkpoint:
+    """The dense checkpoint back from every rank's file (each checked against its sha256 first, unless
+    checksum=False: the caller just did)."""
     for rank in range(shards.tp_size):
-        shards.check_file(rank, progress=progress)
+        shards.check_file(rank, checksum=checksum, progress=progress)
     pieces = shards.load_pieces(list(range(shards.tp_size)), checksum=False)
     state = {name: shards.manifest.unshard(name, ranks).contiguous() for name, ranks in pieces.items()}
     for tied, source in plan.TIED.items():
         state[tied] = state[source]
-    src = shards.manifest.source
     return Checkpoint(
         path=shards.directory,
         config=shards.manifest.config,
         state_dict=state,
-        iter_num=src.get("iter_num"),
-        best_val_loss=src.get("best_val_loss"),
-        train_config=src.get("config") or {},
+        **bookkeeping(shards.manifest.source, shards.directory),
     )
 
 
