@@ -27,8 +27,10 @@ import time
 
 import torch
 
-from tpshard.generate import generate
-from tpshard.model import GPT, GPTConfig, random_weights
+from tpshard.config import GPTConfig
+from tpshard.generation import generate
+from tpshard.model import GPT
+from tpshard.testing import random_weights
 
 PROMPT, NEW_TOKENS = 16, 128
 

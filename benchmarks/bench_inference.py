@@ -19,6 +19,7 @@ On a shared machine the numbers are noisy: run it twice before believing a ratio
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -31,11 +32,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tpshard import launch, runtime
-from tpshard.checkpoint import Checkpoint, load_checkpoint, model_args
-from tpshard.generate import Sampling
-from tpshard.model import GPT, GPTConfig, parameter_count, random_weights
-from tpshard.shards import ShardSet, split_checkpoint
+from tpshard.comm.counting import CountingCollectives
+from tpshard.config import GPTConfig
+from tpshard.convert import split_checkpoint
+from tpshard.files.checkpoint import Checkpoint, model_args
+from tpshard.files.paths import load_checkpoint
+from tpshard.files.shardset import ShardSet
+from tpshard.generation import Runner, Sampling
+from tpshard.model import GPT
+from tpshard.parallel.plan import dense_shapes
+from tpshard.runtime import launch
+from tpshard.runtime.models import dense_model, distributed_model, simulated_model
+from tpshard.runtime.programs import peak_rss_bytes
+from tpshard.testing import random_weights
 
 FULL = dict(config=GPTConfig(), prompt=256, new_tokens=128, reps=3)
 QUICK = dict(config=GPTConfig(block_size=512, vocab_size=8192, n_layer=4, n_head=4, n_embd=256), prompt=128,
@@ -47,17 +56,16 @@ THREADS = 2
 # --- measuring one runtime ------------------------------------------------------------------------
 
 
-def measure(model: GPT, settings: dict, group: launch.Group | None = None) -> dict:
+def measure(model: GPT, settings: dict) -> dict:
     """Median prefill latency and decode speed over settings['reps'] greedy samples, after a warm-up."""
     vocab = settings["config"].vocab_size
     prompt = torch.randint(vocab, (settings["prompt"],), generator=torch.Generator().manual_seed(0))
     results = []
     for rep in range(settings["reps"] + 1):
-        if isinstance(model.reduce, runtime.CountingReduce):
-            model.reduce.reset()
-        if group is not None:
-            group.seconds = 0.0
-        runner = runtime.Runner(model, Sampling(greedy=True), group)
+        if isinstance(model.comm, CountingCollectives):
+            model.comm.reset()
+            model.comm.inner.seconds = 0.0
+        runner = Runner(model, Sampling(greedy=True))
         for _ in runner.sample(prompt.tolist(), 8 if rep == 0 else settings["new_tokens"]):
             pass
         if rep:  # rep 0 warms up: first-touch of the weights, allocator, thread pools
@@ -72,15 +80,15 @@ def measure(model: GPT, settings: dict, group: launch.Group | None = None) -> di
 
 
 def distributed_rank(group: launch.Group, shards: ShardSet, settings: dict, out: str) -> None:
-    model = runtime.distributed_model(shards, group)
-    result = measure(model, settings, group)
-    ranks = group.gather((runtime.peak_rss_bytes(), shards.manifest.files[group.rank]["bytes"]))
+    model = distributed_model(shards, group)
+    result = measure(model, settings)
+    ranks = group.gather_to_rank0((peak_rss_bytes(), shards.manifest.files[group.rank]["bytes"]))
     if group.rank == 0:
         Path(out).write_text(json.dumps({**result, "ranks": ranks}))
 
 
 def torch_baseline_rss() -> int:
-    """Peak RSS of a process that only imports torch (VmHWM, as runtime.peak_rss_bytes reads it; Linux)."""
+    """Peak RSS of a process that only imports torch (VmHWM, as runtime.programs.peak_rss_bytes reads it; Linux)."""
     code = "import torch; print(next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if 'VmHWM' in l))"
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
@@ -120,8 +128,8 @@ def collectives_rank(group: launch.Group, out: str, calls: int) -> None:
         "all_reduce": all_reduce,
         "all_gather_single, blocking wait": all_gather_blocking,
         "isend/irecv with each peer": isend_irecv,
-        "all_gather_single, polled (tpshard)": lambda: group.sum_across(x),
-        "broadcast of the token (tpshard)": lambda: group.broadcast(torch.zeros(1, dtype=torch.long)),
+        "all_gather_single, polled (tpshard)": lambda: group.comm.reduce_partials(x[None]),
+        "broadcast of the token (tpshard)": lambda: group.comm.broadcast_token(torch.zeros(1, dtype=torch.long)),
     }
     rows = []
     for between in (False, True):
@@ -228,15 +236,16 @@ def main() -> None:
         split_checkpoint(dense, TP, tmp / "tp")
         split_checkpoint(dense, TP, tmp / "tp-vocab", vocab_parallel=True)
         torch.set_num_threads(THREADS)
-        results = {DENSE: measure(dense.model(), settings)}
-        results[SIMULATED] = measure(runtime.simulated_model(ShardSet.open(tmp / "tp")), settings)
+        results = {DENSE: measure(dense_model(dense), settings)}
+        results[SIMULATED] = measure(simulated_model(ShardSet.open(tmp / "tp")), settings)
         results[DISTRIBUTED] = run_distributed(ShardSet.open(tmp / "tp"), settings, tmp)
         results[DISTRIBUTED_VOCAB] = run_distributed(ShardSet.open(tmp / "tp-vocab"), settings, tmp)
         baseline = torch_baseline_rss()
 
+    parameters = sum(map(math.prod, dense_shapes(config).values()))  # the tied lm_head counted once
     print(
         f"\n{'quick model' if args.quick else 'GPT-2 124M shape'}: {config.n_layer} layers, {config.n_head} heads, "
-        f"{config.n_embd} wide, vocab {config.vocab_size} ({parameter_count(config) / 1e6:.1f}M parameters), fp32, "
+        f"{config.n_embd} wide, vocab {config.vocab_size} ({parameters / 1e6:.1f}M parameters), fp32, "
         f"torch {torch.__version__}, {os.cpu_count()} CPUs; prompt {settings['prompt']} tokens, "
         f"{settings['new_tokens']} new tokens, median of {settings['reps']}"
     )

@@ -46,9 +46,11 @@ def build() -> None:
     import torch
     from torch.nn import functional as F
 
-    from tpshard.checkpoint import model_args
-    from tpshard.model import GPT, GPTConfig, random_weights
-    from tpshard.plan import TIED
+    from tpshard.config import GPTConfig
+    from tpshard.files.checkpoint import model_args
+    from tpshard.model import GPT
+    from tpshard.parallel.plan import TIED
+    from tpshard.testing import random_weights
 
     config = GPTConfig()
     torch.manual_seed(0)
@@ -84,7 +86,7 @@ def naive_split(ckpt: Path, out: Path) -> None:
     """What a first attempt does: load everything, cut, save each rank with torch.save."""
     import torch
 
-    from tpshard import plan
+    from tpshard.parallel import plan
 
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
     out.mkdir(parents=True, exist_ok=True)

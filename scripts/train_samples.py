@@ -34,7 +34,8 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tpshard.model import GPT, GPTConfig
+from tpshard.config import GPTConfig
+from tpshard.model import GPT
 from tpshard.tokenizer import GPT2_PATTERN, Tokenizer, load_meta_pkl, load_tiktoken_file
 
 MAX_BYTES = 5_000_000

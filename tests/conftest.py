@@ -34,9 +34,11 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from tpshard.checkpoint import model_args
-from tpshard.cli import main
-from tpshard.model import GPT, GPTConfig, random_weights
+from tpshard.cli.main import main
+from tpshard.config import GPTConfig
+from tpshard.files.checkpoint import model_args
+from tpshard.model import GPT
+from tpshard.testing import random_weights
 
 CHARS = string.printable[:96]  # a char vocabulary, as nanoGPT's shakespeare_char meta.pkl holds one
 # 4 heads with biases (tp 1, 2, 4) and 6 heads without (tp 2, 3, 6): both of nanoGPT's layouts

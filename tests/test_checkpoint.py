@@ -13,9 +13,11 @@ import pytest
 import torch
 from conftest import BIAS_CONFIG
 
-from tpshard.checkpoint import COMPILE_PREFIX, load_checkpoint, model_args
 from tpshard.errors import TpshardError
-from tpshard.model import GPT, random_weights
+from tpshard.files.checkpoint import COMPILE_PREFIX, model_args
+from tpshard.files.paths import load_checkpoint
+from tpshard.model import GPT
+from tpshard.testing import random_weights
 
 
 def raw_model(path: Path) -> dict[str, torch.Tensor]:
@@ -79,7 +81,7 @@ def test_cuda_saved_checkpoint_loads_to_cpu(tmp_path: Path) -> None:
 RSS_PROBE = textwrap.dedent(
     """
     import sys, torch
-    from tpshard.checkpoint import load_checkpoint
+    from tpshard.files.paths import load_checkpoint
 
     def rss():
         with open("/proc/self/status") as f:

@@ -19,10 +19,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tpshard.checkpoint import load_checkpoint, model_args
 from tpshard.cli.app import app
-from tpshard.model import GPT, GPTConfig, random_weights
-from tpshard.shards import split_checkpoint
+from tpshard.config import GPTConfig
+from tpshard.convert import split_checkpoint
+from tpshard.files.checkpoint import model_args
+from tpshard.files.paths import load_checkpoint
+from tpshard.model import GPT
+from tpshard.testing import random_weights
 
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # vocab 61 is odd: the vocabulary-parallel output layer pads the last rank's share;

@@ -13,12 +13,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tpshard.checkpoint import load_checkpoint, model_args
 from tpshard.cli.app import app
 from tpshard.cli.generate import SEPARATOR, _stream
+from tpshard.config import GPTConfig
+from tpshard.convert import split_checkpoint
 from tpshard.errors import TpshardError
-from tpshard.model import GPT, GPTConfig, random_weights
-from tpshard.shards import split_checkpoint
+from tpshard.files.checkpoint import model_args
+from tpshard.files.paths import load_checkpoint
+from tpshard.model import GPT
+from tpshard.testing import random_weights
 from tpshard.tokenizer import load_tiktoken_file
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
@@ -120,7 +123,7 @@ def test_shards_print_the_dense_text(ckpt: Path, shards: Path, sampling: list[st
 def test_stats_report_counted_sync_points(shards: Path) -> None:
     result = CliRunner().invoke(app, ["generate", str(shards), "--stats", "--max-new-tokens", "4", "--prompt", "AB"])
     assert result.exit_code == 0
-    assert "4 per forward" in result.stderr  # 2 sync points x 2 blocks, counted by CountingReduce
+    assert "4 per forward" in result.stderr  # 2 sync points x 2 blocks, counted by CountingCollectives
     assert "tokens/s" in result.stderr and "prefill" in result.stderr and SEPARATOR not in result.stderr
 
 
@@ -182,7 +185,7 @@ def test_bad_requests_are_clear_errors(ckpt: Path, shards: Path, tmp_path: Path)
 def test_help_teaches_and_the_cli_does_not_import_torch() -> None:
     help_text = CliRunner().invoke(app, ["generate", "--help"], terminal_width=200).stdout
     assert "Examples" in help_text and "--mode distributed" in help_text and "torchrun" in help_text
-    code = "import sys, tpshard.cli; print('torch' in sys.modules)"
+    code = "import sys, tpshard.cli.main; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 

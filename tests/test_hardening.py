@@ -29,12 +29,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from tpshard.checkpoint import load_checkpoint, model_args
 from tpshard.cli.app import app
+from tpshard.config import GPTConfig
+from tpshard.convert import merge_shards, split_checkpoint
 from tpshard.errors import TpshardError
-from tpshard.model import GPT, GPTConfig, random_weights
-from tpshard.plan import dense_shapes
-from tpshard.shards import MANIFEST, ShardSet, merge_shards, split_checkpoint, tensor_table
+from tpshard.files.checkpoint import model_args
+from tpshard.files.paths import load_checkpoint
+from tpshard.files.shardset import MANIFEST, ShardSet, tensor_table
+from tpshard.model import GPT
+from tpshard.parallel.plan import dense_shapes
+from tpshard.testing import random_weights
 
 FUZZ_EXAMPLES = 150  # per fuzz test in the default suite; the slow suite runs 3000
 EXAMPLES = [FUZZ_EXAMPLES, pytest.param(3000, marks=pytest.mark.slow)]
@@ -502,7 +506,7 @@ def test_unreachable_output_is_refused(writer: str, where: str, w: Path, cli) ->
 # bytes] for each, as JSON.
 DRIVER = r"""
 import contextlib, io, json, resource, sys, time, traceback
-import tpshard.cli
+import tpshard.cli.main
 results = []
 for argv in json.loads(sys.argv[1]):
     sys.argv = ["tpshard", *argv]
@@ -510,7 +514,7 @@ for argv in json.loads(sys.argv[1]):
     start = time.perf_counter()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            tpshard.cli.main()
+            tpshard.cli.main.main()
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import save_file
 from torch.nn import functional as F
 
-from tpshard.checkpoint import load_checkpoint
 from tpshard.errors import TpshardError
-from tpshard.hf import hf_state_dict, load_hf
+from tpshard.files.hf import hf_state_dict, load_hf
+from tpshard.files.paths import load_checkpoint
+from tpshard.runtime.models import dense_model
 
 HF = dict(vocab_size=300, n_positions=32, n_embd=48, n_layer=2, n_head=6, layer_norm_epsilon=1e-5)
 # fp32 throughout. tpshard and the references run the same operations in a different order
@@ -101,7 +102,7 @@ def test_import_matches_reference(tmp_path: Path, prefix: str, bin_file: bool) -
     assert ckpt.config.block_size == HF["n_positions"]
     idx = torch.randint(0, HF["vocab_size"], (2, 24))
     with torch.no_grad():
-        logits = ckpt.model()(idx)
+        logits = dense_model(ckpt)(idx)
     torch.testing.assert_close(logits, reference_logits(state, idx), atol=ATOL, rtol=0)
     # the activation matters: the exact GELU gives measurably different logits
     assert (reference_logits(state, idx, approximate="none") - logits).abs().max() > 10 * ATOL
@@ -155,8 +156,8 @@ def test_against_transformers(tmp_path: Path) -> None:
     idx = torch.randint(0, HF["vocab_size"], (2, 24))
     with torch.no_grad():
         expected = ref(idx).logits
-        torch.testing.assert_close(ckpt.model()(idx), expected, atol=ATOL, rtol=0)
-        from tpshard.hf import save_hf
+        torch.testing.assert_close(dense_model(ckpt)(idx), expected, atol=ATOL, rtol=0)
+        from tpshard.files.hf import save_hf
 
         save_hf(ckpt, tmp_path / "out")
         again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()

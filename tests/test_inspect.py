@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import BIAS_CONFIG, ITER_NUM, NO_BIAS_CONFIG
 
-from tpshard.inspect import block_flow
-from tpshard.shards import sha256_file
+from tpshard.describe import block_flow
+from tpshard.files.tensorfile import sha256_file
 
 
 def inspect_json(cli, *args: object) -> tuple[int, dict]:
@@ -22,8 +22,8 @@ def inspect_json(cli, *args: object) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def shard_set(bias_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """bias_ckpt split 2 ways, with its meta.pkl. Read-only: copy it to damage it."""
-    from tpshard.checkpoint import load_checkpoint
-    from tpshard.shards import split_checkpoint
+    from tpshard.convert import split_checkpoint
+    from tpshard.files.paths import load_checkpoint
 
     out = tmp_path_factory.mktemp("inspect") / "shards"
     split_checkpoint(load_checkpoint(bias_ckpt), 2, out, tokenizer_file=bias_ckpt.parent / "meta.pkl")

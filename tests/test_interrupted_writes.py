@@ -27,9 +27,14 @@ import pytest
 import torch
 from test_hardening import snapshot
 
-from tpshard.checkpoint import ORPHAN_AGE_S, hold, load_checkpoint, model_args, remove_orphans
-from tpshard.model import GPT, GPTConfig, random_weights
-from tpshard.shards import ShardSet, split_checkpoint
+from tpshard.config import GPTConfig
+from tpshard.convert import split_checkpoint
+from tpshard.files.atomic import ORPHAN_AGE_S, lock_while_writing, remove_orphans
+from tpshard.files.checkpoint import model_args
+from tpshard.files.paths import load_checkpoint
+from tpshard.files.shardset import ShardSet
+from tpshard.model import GPT
+from tpshard.testing import random_weights
 
 # What a killed run may leave beside OUT: its temporary, under a hidden name that holds OUT's name, or
 # (killed between the two renames of a --force replacement) the previous OUT, moved aside.
@@ -38,9 +43,9 @@ LEFTOVER = r"\.{name}\.[a-z0-9_]{{8}}\.(partial|tmp|old)"
 SERVER = r"""
 import json, os, sys
 import torch
-import tpshard.cli
-from tpshard import checkpoint, hf, plan, shards, tokenizer  # what the commands import, before the clock
-from tpshard.cli import convert
+import tpshard.cli.main
+# what the commands import, before the clock
+import tpshard.cli.convert, tpshard.convert, tpshard.files.paths, tpshard.tokenizer
 print("ready", flush=True)
 for line in sys.stdin:
     pid = os.fork()
@@ -50,7 +55,7 @@ for line in sys.stdin:
         os.dup2(quiet, 2)
         sys.argv = ["tpshard", *json.loads(line)]
         try:
-            tpshard.cli.main()
+            tpshard.cli.main.main()
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
@@ -292,7 +297,7 @@ def test_a_live_write_is_never_taken_for_an_orphan(tmp_path: Path) -> None:
     live.mkdir()
     fd = os.open(live, os.O_RDONLY)
     try:
-        hold(fd)
+        lock_while_writing(fd)
         age([live])
         remove_orphans(tmp_path / "out", ".partial")
         assert live.exists()

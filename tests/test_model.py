@@ -8,9 +8,11 @@ import pytest
 import torch
 from conftest import BIAS_CONFIG, NO_BIAS_CONFIG
 
-from tpshard.checkpoint import model_args
-from tpshard.model import GPT, GPTConfig, KVCache, parameter_count, random_weights
-from tpshard.plan import TIED, dense_shapes
+from tpshard.config import GPTConfig
+from tpshard.files.checkpoint import model_args
+from tpshard.model import GPT, KVCache
+from tpshard.parallel.plan import TIED, dense_shapes
+from tpshard.testing import random_weights
 
 # nanoGPT's GPT(GPTConfig(n_layer=2, bias=True)).state_dict().keys(), in order (flash attention: no
 # attn.bias mask buffers). With bias=False every name ending in ".bias" is absent: nanoGPT's LayerNorm
@@ -56,6 +58,12 @@ ATOL = 1e-5
 
 def tokens(batch: int, length: int, seed: int = 0, vocab: int = 96) -> torch.Tensor:
     return torch.randint(vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def parameter_count(config: GPTConfig) -> int:
+    """Parameters of the dense model, the tied embedding counted once, from a model built on meta."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPT(config).parameters())
 
 
 @pytest.mark.parametrize("config", [BIAS_CONFIG, NO_BIAS_CONFIG], ids=["bias", "no-bias"])
@@ -148,7 +156,9 @@ def test_building_on_meta_keeps_dynamo_out() -> None:
     torch._dynamo there (about 2 s and 70 MB per process). A fresh interpreter shows whether it does."""
     code = (
         "import sys, torch\n"
-        "from tpshard.model import GPT, GPTConfig, random_weights\n"
+        "from tpshard.config import GPTConfig\n"
+        "from tpshard.model import GPT\n"
+        "from tpshard.testing import random_weights\n"
         "config = GPTConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=11, block_size=4)\n"
         "state = random_weights(GPT(config)).state_dict()\n"
         "GPT.from_state_dict(config, state)\n"

@@ -6,11 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tpshard import runtime
-from tpshard.checkpoint import Checkpoint
-from tpshard.generate import Sampling, TokenPicker, generate
-from tpshard.model import GPT, GPTConfig, KVCache, random_weights
-from tpshard.shards import ShardSet, split_checkpoint
+from tpshard.config import GPTConfig
+from tpshard.convert import split_checkpoint
+from tpshard.files.checkpoint import Checkpoint
+from tpshard.files.shardset import ShardSet
+from tpshard.generation import Runner, Sampling, TokenPicker, generate
+from tpshard.model import GPT, KVCache
+from tpshard.runtime.models import dense_model, simulated_model
+from tpshard.runtime.programs import peak_rss_bytes
+from tpshard.testing import random_weights
 
 BIAS = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=4, n_embd=32, bias=True)
 NO_BIAS = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=6, n_embd=48, bias=False)
@@ -38,7 +42,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict:
         dense = make_dense(tmp, config)
         for _, tp in (case for case in CASES if case[0] is config):
             split_checkpoint(dense, tp, tmp / f"tp{tp}")
-            built[config.bias, tp] = dense.model(), runtime.simulated_model(ShardSet.open(tmp / f"tp{tp}"))
+            built[config.bias, tp] = dense_model(dense), simulated_model(ShardSet.open(tmp / f"tp{tp}"))
     return built
 
 
@@ -127,8 +131,8 @@ def test_generate_runs_one_forward_per_token(models: dict) -> None:
 @torch.inference_mode()
 def test_runner_counts_what_it_did(models: dict) -> None:
     model = models[True, 2][1]
-    model.reduce.reset()
-    runner = runtime.Runner(model, Sampling(greedy=True))
+    model.comm.reset()
+    runner = Runner(model, Sampling(greedy=True))
     prompt = tokens(1, 6)[0].tolist()
     out = list(runner.sample(prompt, 5)) + list(runner.sample(prompt, 5))
     stats = runner.stats()
@@ -143,13 +147,13 @@ def test_runner_counts_what_it_did(models: dict) -> None:
 def test_dense_model_from_merged_shards(tmp_path: Path) -> None:
     dense = make_dense(tmp_path, NO_BIAS, seed=5)
     split_checkpoint(dense, 3, tmp_path / "tp3")
-    merged = runtime.dense_model(ShardSet.open(tmp_path / "tp3"))
+    merged = dense_model(ShardSet.open(tmp_path / "tp3"))
     assert merged.placement.tp_size == 1
     idx = tokens(1, 9)
     with torch.inference_mode():
-        assert torch.equal(merged(idx), dense.model()(idx))  # merging is exact
+        assert torch.equal(merged(idx), dense_model(dense)(idx))  # merging is exact
 
 
 def test_peak_rss_is_in_bytes() -> None:
     block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
-    assert block.numel() < runtime.peak_rss_bytes() < (64 << 30)
+    assert block.numel() < peak_rss_bytes() < (64 << 30)

@@ -10,12 +10,20 @@ import pytest
 import torch
 from conftest import BIAS_CONFIG, NO_BIAS_CONFIG
 
-from tpshard import model as model_module
-from tpshard import runtime, shards
-from tpshard.checkpoint import Checkpoint, load_checkpoint, model_args, save_checkpoint
-from tpshard.model import GPT, GPTConfig, random_weights
-from tpshard.plan import dense_shapes
-from tpshard.shards import ShardSet, merge_shards, split_checkpoint
+from tpshard.comm.collectives import LOCAL
+from tpshard.comm.counting import CountingCollectives
+from tpshard.config import GPTConfig
+from tpshard.convert import merge_shards, split_checkpoint
+from tpshard.files import shardset
+from tpshard.files.checkpoint import Checkpoint, model_args
+from tpshard.files.nanogpt import save_checkpoint
+from tpshard.files.paths import load_checkpoint
+from tpshard.files.shardset import ShardSet
+from tpshard.model import GPT
+from tpshard.parallel import layers
+from tpshard.parallel.plan import dense_shapes
+from tpshard.runtime.models import sharded_model
+from tpshard.testing import random_weights
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
 
@@ -152,13 +160,13 @@ def test_each_rank_holds_its_heads_q_k_v(fixture: str, config: GPTConfig, tp: in
         assert not torch.equal(qkv, ckpt.state_dict["transformer.h.0.attn.c_attn.weight"].chunk(tp)[rank])
 
 
-def bias_per_rank(x: torch.Tensor, linear: torch.nn.Linear, reduce) -> torch.Tensor:
+def bias_per_rank(linear: layers.RowParallelLinear, x: torch.Tensor, comm) -> torch.Tensor:
     """The classic mistake: every rank adds the c_proj bias to its own partial sum, before the reduction."""
     R, k = x.shape[2:]
     partials = torch.einsum("btrk,crk->rbtc", x, linear.weight.view(-1, R, k))
     if linear.bias is not None:
         partials = partials + linear.bias
-    return reduce(partials)
+    return comm.reduce_partials(partials)
 
 
 @torch.inference_mode()
@@ -169,7 +177,8 @@ def test_c_proj_bias_is_added_once_after_the_reduction(tmp_path: Path, monkeypat
             p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))  # large, non-zero
     (tmp_path / "ckpt.pt").touch()  # split hashes its source file
     split_checkpoint(Checkpoint(tmp_path / "ckpt.pt", BIAS_CONFIG, dense.state_dict()), 4, tmp_path / "tp4")
-    sharded = runtime.sharded_model(ShardSet.open(tmp_path / "tp4"), [0, 1, 2, 3])  # simulated, 4 ranks
+    simulated = CountingCollectives(LOCAL)  # 4 ranks in this process
+    sharded = sharded_model(ShardSet.open(tmp_path / "tp4"), [0, 1, 2, 3], simulated)
     idx = torch.randint(BIAS_CONFIG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     want = dense(idx)
     torch.testing.assert_close(sharded(idx), want, atol=1e-5, rtol=0)  # measured ~1e-6: sums reassociated
@@ -177,13 +186,12 @@ def test_c_proj_bias_is_added_once_after_the_reduction(tmp_path: Path, monkeypat
     # one row-parallel layer by hand: a bias per rank adds it N times, (N - 1) too many
     c_proj = sharded.transformer.h[0].attn.c_proj
     x = torch.randn(2, 5, 4, BIAS_CONFIG.n_embd // 4, generator=torch.Generator().manual_seed(1))
-    once = model_module.row_parallel(x, c_proj, model_module.sum_local_ranks)
-    torch.testing.assert_close(
-        bias_per_rank(x, c_proj, model_module.sum_local_ranks) - once, 3 * c_proj.bias.expand_as(once)
-    )
+    assert isinstance(c_proj, layers.RowParallelLinear)  # as the plan says
+    once = c_proj(x, LOCAL)
+    torch.testing.assert_close(bias_per_rank(c_proj, x, LOCAL) - once, 3 * c_proj.bias.expand_as(once))
 
     # the whole model with that mistake: its logits leave the dense model's (measured ~1e-2 off)
-    monkeypatch.setattr(model_module, "row_parallel", bias_per_rank)
+    monkeypatch.setattr(layers.RowParallelLinear, "forward", bias_per_rank)
     assert (sharded(idx) - want).abs().max() > 1e-3
     torch.testing.assert_close(dense(idx), want, atol=1e-5, rtol=0)  # one rank: the variant is the dense model
 
@@ -230,7 +238,7 @@ def test_existing_output_needs_force_and_force_replaces(bias_ckpt: Path, tmp_pat
 
 def fail_on_rank_1(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank 1's file fails half-way through (the disk fills up)."""
-    real = shards.write_safetensors
+    real = shardset.write_safetensors
 
     def write(path: Path, layout, produce, metadata, progress=None) -> str:
         if metadata["rank"] == "1":
@@ -238,7 +246,7 @@ def fail_on_rank_1(monkeypatch: pytest.MonkeyPatch) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, layout, produce, metadata, progress)
 
-    monkeypatch.setattr(shards, "write_safetensors", write)
+    monkeypatch.setattr(shardset, "write_safetensors", write)
 
 
 def test_failed_split_leaves_nothing_behind(bias_ckpt: Path, tmp_path: Path, cli, monkeypatch) -> None:

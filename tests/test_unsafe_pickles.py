@@ -20,11 +20,14 @@ import torch
 from conftest import BIAS_CONFIG, write_nanogpt_checkpoint
 from safetensors.torch import save_file
 
-from tpshard.checkpoint import load_checkpoint, model_args
+from tpshard.convert import split_checkpoint
 from tpshard.errors import TpshardError
-from tpshard.hf import hf_state_dict
-from tpshard.model import GPT, random_weights
-from tpshard.shards import ShardSet, split_checkpoint
+from tpshard.files.checkpoint import model_args
+from tpshard.files.hf import hf_state_dict
+from tpshard.files.paths import load_checkpoint
+from tpshard.files.shardset import ShardSet
+from tpshard.model import GPT
+from tpshard.testing import random_weights
 from tpshard.tokenizer import load_meta_pkl, load_tokenizer_file
 
 TPSHARD = Path(__file__).resolve().parents[1] / "tpshard"
@@ -401,7 +404,7 @@ def test_tpshard_unpickles_only_through_restricted_unpicklers() -> None:
         else:
             assert (file, name) in ALLOWED, f"{where} (unpickles, or runs code)"
     doors = {(f, n) for f, n, _ in found}
-    assert ("checkpoint.py", "torch.load") in doors and ("tokenizer.py", "pickle.Unpickler") in doors
+    assert ("nanogpt.py", "torch.load") in doors and ("tokenizer.py", "pickle.Unpickler") in doors
 
 
 def test_the_meta_pkl_unpickler_refuses_every_global() -> None:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tpshard.checkpoint import load_checkpoint
-from tpshard.runtime import CountingReduce
-from tpshard.shards import DTYPES, split_checkpoint
+from tpshard.comm.counting import CountingCollectives
+from tpshard.convert import split_checkpoint
+from tpshard.files.paths import load_checkpoint
+from tpshard.files.tensorfile import DTYPES
 
 N_LAYER = 2  # conftest's BIAS_CONFIG: 2 layers, 4 heads, n_embd 32, vocab 96, block 32
 TENSORS = 4 + 12 * N_LAYER  # wte, wpe, ln_f weight and bias; per block 6 layers with weight and bias
@@ -220,8 +221,8 @@ def test_a_tolerance_below_the_measured_error_fails(cli, sets: dict[str, Path]) 
 def test_a_wrong_reduction_fails_numerics(cli, sets: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """A runtime bug (here: an all-reduce that leaves out the last rank's partial sum) fails numerics,
     while the reductions are still counted as the theory says."""
-    reduce = CountingReduce.__call__
-    monkeypatch.setattr(CountingReduce, "__call__", lambda self, partials: reduce(self, partials[:-1]))
+    reduce = CountingCollectives.reduce_partials
+    monkeypatch.setattr(CountingCollectives, "reduce_partials", lambda self, partials: reduce(self, partials[:-1]))
     code, report = verify_json(cli, sets["tp2"], "--tokens", "4")
     assert code == 1
     numerics = report["numerics"]

@@ -7,11 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tpshard import plan
-from tpshard.checkpoint import Checkpoint
-from tpshard.model import GPT, GPTConfig, random_weights
-from tpshard.runtime import CountingReduce, sharded_model
-from tpshard.shards import ShardSet, merge_shards, reshard, split_checkpoint
+from tpshard.comm.collectives import LOCAL
+from tpshard.comm.counting import CountingCollectives
+from tpshard.config import GPTConfig
+from tpshard.convert import merge_shards, reshard, split_checkpoint
+from tpshard.files.checkpoint import Checkpoint
+from tpshard.files.shardset import ShardSet
+from tpshard.model import GPT
+from tpshard.parallel import plan
+from tpshard.runtime.models import dense_model, sharded_model
+from tpshard.testing import random_weights
 
 # vocab 101 is prime: every tp size > 1 needs padding rows
 CONFIG = GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=6, n_embd=48, bias=False)
@@ -57,12 +62,12 @@ def test_reshard_equals_direct_split(dense: Checkpoint, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("tp", [1, 2, 3, 6])
 def test_simulated_logits_match_dense(dense: Checkpoint, tmp_path: Path, tp: int) -> None:
-    reduce = CountingReduce()
+    reduce = CountingCollectives(LOCAL)
     model = sharded_model(split(dense, tmp_path, tp), list(range(tp)), reduce)
     idx = torch.randint(0, CONFIG.vocab_size, (3, 20))
     with torch.no_grad():
         logits = model(idx)
-        expected = dense.model()(idx)
+        expected = dense_model(dense)(idx)
     assert logits.shape == expected.shape
     torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
     assert reduce.calls == plan.sync_points(CONFIG, vocab_parallel=True) == 2 * CONFIG.n_layer + 1

@@ -1,3 +1,3 @@
-from tpshard.cli import main
+from tpshard.cli.main import main
 
 main()

@@ -1,24 +1,2 @@
-"""The command-line face of tpshard: parse, call the core, render. See app.py."""
-
-import os
-import sys
-
-from tpshard.cli import convert, generate, inspect, verify  # noqa: F401  (registers the commands)
-from tpshard.cli.app import app
-from tpshard.errors import TpshardError
-
-
-def main() -> None:
-    # c10d logs its own errors (a lost peer, a store that does not answer) as extra lines on stderr;
-    # tpshard reports each failure as one line. Read when torch loads, which commands do lazily.
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
-    try:
-        app()
-    except TpshardError as e:
-        message = " ".join(str(e).split())  # one line, whatever the cause
-        print(f"tpshard: error: {message}", file=sys.stderr)
-        sys.exit(2)
-    except SystemExit as e:
-        if e.code == 130:  # typer turns Ctrl-C into exit code 130, silently
-            print("tpshard: interrupted", file=sys.stderr)
-        raise
+"""The command-line face of tpshard: parse, call the core, render. main.py is the entry point; app.py
+holds what every command shares; one module per command group."""

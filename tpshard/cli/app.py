@@ -6,6 +6,7 @@ core inside their bodies.
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -48,9 +49,17 @@ def _root(
     pass
 
 
-def existing(path: Path) -> Path:
+def expand_user(path: Path) -> Path:
     """Paths are checked by the core, which words the errors; this only expands '~'."""
     return path.expanduser()
+
+
+class DType(StrEnum):
+    """--dtype: what split stores and generate computes in."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
 
 
 @contextmanager

@@ -8,14 +8,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from tpshard.cli.app import app, byte_progress, existing, stderr, stdout
+from tpshard.cli.app import DType, app, byte_progress, expand_user, stderr, stdout
 from tpshard.errors import TpshardError
-
-
-class DType(StrEnum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
 
 
 class MergeFormat(StrEnum):
@@ -60,9 +54,9 @@ def _tokenizer_to_ship(ckpt, explicit: Path | None, scratch: Path) -> Path | Non
 
 @app.command()
 def split(
-    checkpoint: Path = typer.Argument(..., help="nanoGPT ckpt.pt (as train.py writes it).", callback=existing),
+    checkpoint: Path = typer.Argument(..., help="nanoGPT ckpt.pt (as train.py writes it).", callback=expand_user),
     tp: int = typer.Option(..., "--tp", help="Tensor-parallel size N; must divide n_head."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output directory for the shard set.", callback=existing),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory for the shard set.", callback=expand_user),
     dtype: DType | None = typer.Option(None, help="Store the shards in this dtype (default: the checkpoint's)."),
     tokenizer: Path | None = typer.Option(None, help="Tokenizer to ship with the shards (meta.pkl or .tiktoken)."),
     vocab_parallel: bool = typer.Option(
@@ -79,8 +73,9 @@ def split(
     rows (their biases are added once, after the all-reduce); everything else is replicated. The
     optimizer state is left out and never read. The write is atomic: OUT appears only when complete.
     """
-    from tpshard.checkpoint import load_checkpoint
-    from tpshard.shards import DTYPES, split_checkpoint
+    from tpshard.convert import split_checkpoint
+    from tpshard.files.paths import load_checkpoint
+    from tpshard.files.tensorfile import DTYPES
 
     ckpt = load_checkpoint(checkpoint)
     target = DTYPES[dtype.value] if dtype else None
@@ -108,8 +103,8 @@ def split(
 
 @app.command()
 def merge(
-    shards: Path = typer.Argument(..., help="Shard directory written by split or reshard.", callback=existing),
-    out: Path = typer.Option(..., "-o", "--out", help="Dense checkpoint to write.", callback=existing),
+    shards: Path = typer.Argument(..., help="Shard directory written by split or reshard.", callback=expand_user),
+    out: Path = typer.Option(..., "-o", "--out", help="Dense checkpoint to write.", callback=expand_user),
     format: MergeFormat = typer.Option(
         MergeFormat.pt,
         "--format",
@@ -124,9 +119,12 @@ def merge(
     ckpt.pt (model, model_args, iter_num, best_val_loss, config; wte and lm_head tied) that nanoGPT's
     sample.py loads; its optimizer entry is None, since shards carry no optimizer state.
     """
-    from tpshard.checkpoint import save_checkpoint, save_safetensors
-    from tpshard.hf import save_hf
-    from tpshard.shards import MANIFEST, ShardSet, merge_shards, spare_inputs
+    from tpshard.convert import merge_shards
+    from tpshard.files.atomic import refuse_output_over_inputs
+    from tpshard.files.dense_safetensors import save_safetensors
+    from tpshard.files.hf import save_hf
+    from tpshard.files.nanogpt import save_checkpoint
+    from tpshard.files.shardset import MANIFEST, ShardSet
 
     if out.exists() and not force:
         raise TpshardError(f"{out}: already exists; choose another output or pass --force to replace it")
@@ -134,7 +132,7 @@ def merge(
         raise TpshardError(f"{out}: is a directory, expected a file name for the merged checkpoint")
     shard_set = ShardSet.open(shards)
     parts = [shard_set.directory / MANIFEST, *map(shard_set.rank_path, range(shard_set.tp_size))]
-    spare_inputs(out, [shard_set.directory, *parts, *filter(None, [shard_set.tokenizer_path])])
+    refuse_output_over_inputs(out, [shard_set.directory, *parts, *filter(None, [shard_set.tokenizer_path])])
     total = sum(f["bytes"] for f in shard_set.manifest.files)
     with byte_progress("verify checksums", total) as progress:
         ckpt = merge_shards(shard_set, progress=progress)
@@ -147,17 +145,17 @@ def merge(
 
 @app.command()
 def reshard(
-    shards: Path = typer.Argument(..., help="Shard directory written by split or reshard.", callback=existing),
+    shards: Path = typer.Argument(..., help="Shard directory written by split or reshard.", callback=expand_user),
     tp: int = typer.Option(..., "--tp", help="New tensor-parallel size M; must divide n_head."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output directory for the new shard set.", callback=existing),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory for the new shard set.", callback=expand_user),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Turn an N-way shard set into an M-way one directly, tensor by tensor (no dense checkpoint).
 
     The result is byte-identical to splitting the original checkpoint M ways.
     """
-    from tpshard.shards import ShardSet
-    from tpshard.shards import reshard as reshard_set
+    from tpshard.convert import reshard as reshard_set
+    from tpshard.files.shardset import ShardSet
 
     shard_set = ShardSet.open(shards)
     total = tp * shard_set.manifest.dense_bytes()

@@ -4,9 +4,7 @@ import codecs
 import os
 import re
 import sys
-from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,18 +12,15 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from tpshard.cli.app import app, existing, stderr
-from tpshard.cli.convert import DType
+from tpshard.cli.app import DType, app, expand_user, stderr
 from tpshard.errors import TpshardError
 
 if TYPE_CHECKING:  # the CLI imports torch only inside commands
     import torch
 
-    from tpshard.generate import Sampling
-    from tpshard.launch import Group
-    from tpshard.model import GPT
-    from tpshard.runtime import Stats
-    from tpshard.shards import ShardSet
+    from tpshard.files.shardset import ShardSet
+    from tpshard.generation import Stats
+    from tpshard.runtime.programs import RankUsage, Request
     from tpshard.tokenizer import Tokenizer
 
 SEPARATOR = "---------------"  # nanoGPT sample.py prints it after each sample
@@ -37,26 +32,13 @@ class Mode(StrEnum):
     distributed = "distributed"
 
 
-@dataclass
-class Request:
-    """What every rank needs to generate; pickled to the worker processes of a distributed run."""
-
-    prompt: list[int]
-    tokenizer: "Tokenizer"
-    sampling: "Sampling"
-    max_new_tokens: int
-    num_samples: int
-    dtype: "torch.dtype | None"
-    show_stats: bool
-
-
 @app.command()
 def generate(
     source: Path = typer.Argument(
         ...,
         metavar="CKPT_OR_SHARDS",
         help="A nanoGPT ckpt.pt (runs dense) or a shard directory written by split (runs simulated).",
-        callback=existing,
+        callback=expand_user,
     ),
     mode: Mode | None = typer.Option(
         None,
@@ -109,15 +91,19 @@ def generate(
 
         torchrun --nproc-per-node 2 -m tpshard generate shards --mode distributed
     """
-    from tpshard import launch, runtime
-    from tpshard.generate import Sampling
-    from tpshard.shards import DTYPES, ShardSet
+    from tpshard.files.paths import open_model_source
+    from tpshard.files.shardset import ShardSet
+    from tpshard.files.tensorfile import DTYPES
+    from tpshard.generation import Sampling
+    from tpshard.runtime import launch
+    from tpshard.runtime.models import dense_model, simulated_model
+    from tpshard.runtime.programs import Request, generate_on_rank, generate_samples
     from tpshard.tokenizer import find_tokenizer
 
     text = _prompt_text(prompt, prompt_file)
     if temperature <= 0 and not greedy:
         raise TpshardError(f"--temperature {temperature}: must be above 0; for the most likely token use --greedy")
-    opened = runtime.open_source(source)
+    opened = open_model_source(source)
     shards = opened if isinstance(opened, ShardSet) else None
     mode = mode or (Mode.simulated if shards else Mode.dense)
     _check_layout(source, mode, shards, nproc)
@@ -131,7 +117,6 @@ def generate(
         raise TpshardError("the prompt is empty; give at least one character (--prompt or --prompt-file)")
     request = Request(
         prompt=ids,
-        tokenizer=tok,
         sampling=Sampling(temperature=temperature, top_k=top_k or None, greedy=greedy, seed=seed),
         max_new_tokens=max_new_tokens,
         num_samples=num_samples,
@@ -140,19 +125,20 @@ def generate(
     )
     if mode is Mode.distributed:
         assert shards is not None
-        launch.run(_distributed_rank, (shards, request), nproc=shards.tp_size, device=device)
+        launch.run(generate_on_rank, (shards, request, TerminalSink(tok)), nproc=shards.tp_size, device=device)
         return
     where = _local_device(device)
     if mode is Mode.dense:
-        model = runtime.dense_model(opened, device=where, dtype=request.dtype)
+        model = dense_model(opened, device=where, dtype=request.dtype)
         label = "dense"
     else:
         assert shards is not None
-        model = runtime.simulated_model(shards, device=where, dtype=request.dtype)
+        model = simulated_model(shards, device=where, dtype=request.dtype)
         label = f"simulated tp {shards.tp_size} (one process)"
-    run_stats = _generate(model, request, label)
+    sink = TerminalSink(tok)
+    run_stats = generate_samples(model, request, label, sink)
     if stats:
-        _report(run_stats, request)
+        sink.report(run_stats, request, None)
 
 
 def _prompt_text(prompt: str | None, prompt_file: Path | None) -> str:
@@ -201,41 +187,26 @@ def _local_device(device: str) -> "torch.device":
     return where
 
 
-def _distributed_rank(group: "Group", shards: "ShardSet", request: Request) -> None:
-    """One rank of a distributed run: its own shard only; rank 0 streams the text and reports."""
-    from tpshard import runtime
+class TerminalSink:
+    """Where generation goes on the terminal: text to stdout as tokens come, status and --stats to
+    stderr. Pickled to the ranks of a distributed run, where rank 0 uses it."""
 
-    model = runtime.distributed_model(shards, group, dtype=request.dtype)
-    backend = "NCCL" if group.device.type == "cuda" else "gloo"
-    label = f"distributed tp {group.world_size} ({group.world_size} processes, {backend})"
-    run_stats = _generate(model, request, label, group)
-    if request.show_stats:  # every rank takes part in the gather
-        mine = (runtime.peak_rss_bytes(), shards.manifest.files[group.rank]["bytes"], run_stats.comm_seconds)
-        ranks = group.gather(mine)
-        if group.rank == 0:
-            _report(run_stats, request, ranks)
+    def __init__(self, tokenizer: "Tokenizer"):
+        self.tokenizer = tokenizer
 
-
-def _generate(model: "GPT", request: Request, label: str, group: "Group | None" = None) -> "Stats":
-    from tpshard.runtime import Runner
-
-    speaks = group is None or group.rank == 0
-    runner = Runner(model, request.sampling, group)
-    if speaks:
-        dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
-        where = f"{label} on {model.lm_head.weight.device} ({dtype}); tokenizer {request.tokenizer.name}"
+    def started(self, label: str, device: "torch.device", dtype: "torch.dtype") -> None:
+        where = f"{label} on {device} ({str(dtype).removeprefix('torch.')}); tokenizer {self.tokenizer.name}"
         stderr.print(where, soft_wrap=True)
-    for _ in range(request.num_samples):
-        tokens = runner.sample(request.prompt, request.max_new_tokens)
-        if speaks:
-            _stream(request.tokenizer, request.prompt, tokens)
-        else:
-            deque(tokens, maxlen=0)  # run the steps in lockstep with rank 0, print nothing
-    run_stats = runner.stats()
-    if speaks:
-        seconds = run_stats.prefill_seconds + run_stats.decode_seconds
-        stderr.print(f"{run_stats.new_tokens} tokens in {seconds:.2f} s: {run_stats.tokens_per_second:.1f} tokens/s")
-    return run_stats
+
+    def sample(self, prompt: list[int], tokens: Iterable[int]) -> None:
+        _stream(self.tokenizer, prompt, tokens)
+
+    def finished(self, stats: "Stats") -> None:
+        seconds = stats.prefill_seconds + stats.decode_seconds
+        stderr.print(f"{stats.new_tokens} tokens in {seconds:.2f} s: {stats.tokens_per_second:.1f} tokens/s")
+
+    def report(self, stats: "Stats", request: "Request", ranks: "list[RankUsage] | None") -> None:
+        _report(stats, request, ranks)
 
 
 def _stream(tokenizer: "Tokenizer", prompt: list[int], tokens: Iterable[int]) -> None:
@@ -261,8 +232,8 @@ def _stream(tokenizer: "Tokenizer", prompt: list[int], tokens: Iterable[int]) ->
         raise TpshardError("stdout was closed by its reader (broken pipe); generation stopped") from None
 
 
-def _report(run_stats: "Stats", request: Request, ranks: list | None = None) -> None:
-    """--stats, on stderr. ranks: each rank's (peak RSS, shard file bytes, communication seconds)."""
+def _report(run_stats: "Stats", request: "Request", ranks: "list[RankUsage] | None") -> None:
+    """--stats, on stderr. ranks: each rank's peak RSS, shard file bytes and communication seconds."""
     s = run_stats
     table = Table(title="generation", title_justify="left", show_header=False)
     table.add_column(style="bold")
@@ -284,8 +255,10 @@ def _report(run_stats: "Stats", request: Request, ranks: list | None = None) -> 
         per_rank = Table(title="ranks", title_justify="left")
         for name in ("rank", "shard file", "peak RSS", "communication"):
             per_rank.add_column(name, justify="right")
-        for rank, (rss, shard_bytes, comm) in enumerate(ranks):
-            per_rank.add_row(str(rank), _size(shard_bytes), _size(rss), f"{comm:.3f} s")
+        for rank, usage in enumerate(ranks):
+            per_rank.add_row(
+                str(rank), _size(usage.shard_bytes), _size(usage.peak_rss), f"{usage.comm_seconds:.3f} s"
+            )
         stderr.print(per_rank)
 
 

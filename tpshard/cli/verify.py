@@ -13,11 +13,11 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from tpshard.cli.app import app, existing, stderr, stdout
+from tpshard.cli.app import app, expand_user, stderr, stdout
 from tpshard.errors import TpshardError
 
 if TYPE_CHECKING:  # the CLI imports torch only inside commands
-    from tpshard.verify import Communication, Compared, Integrity, LayerError, Numerics, Report
+    from tpshard.verify.report import Communication, Compared, Integrity, LayerError, Numerics, Report
 
 BAR_WIDTH = 32
 EIGHTHS = " ▏▎▍▌▋▊▉"
@@ -31,7 +31,7 @@ class VerifyMode(StrEnum):
 
 @app.command()
 def verify(
-    shards: Path = typer.Argument(..., help="Shard directory written by split or reshard.", callback=existing),
+    shards: Path = typer.Argument(..., help="Shard directory written by split or reshard.", callback=expand_user),
     against: Path | None = typer.Option(
         None,
         "--against",
@@ -87,7 +87,8 @@ def verify(
 
         tpshard verify shards --mode distributed --json > report.json
     """
-    from tpshard.verify import to_json, verify_shards
+    from tpshard.verify.report import to_json
+    from tpshard.verify.run import verify_shards
 
     with stderr.status("verifying") as status:
         report = verify_shards(

@@ -15,24 +15,16 @@ from pathlib import Path
 
 import torch
 
-from tpshard import hf, plan
-from tpshard.checkpoint import Checkpoint, load_checkpoint, model_args, read_checkpoint_file
+from tpshard.config import GPTConfig
 from tpshard.errors import TpshardError
-from tpshard.model import GPTConfig, check_tp, valid_tp_sizes
-from tpshard.shards import (
-    DTYPE_NAMES,
-    DTYPES,
-    FORMAT,
-    MANIFEST,
-    SAFETENSORS_DTYPES,
-    ShardSet,
-    open_rank_file,
-    sha256_file,
-)
+from tpshard.files.checkpoint import Checkpoint, model_args
+from tpshard.files.nanogpt import read_checkpoint_file
+from tpshard.files.paths import Kind, kind_of, load_checkpoint
+from tpshard.files.shardset import MANIFEST, ShardSet, rank_file_identity
+from tpshard.files.tensorfile import DTYPE_NAMES, DTYPES, NAMES_BY_CODE, open_safetensors, sha256_file
+from tpshard.parallel import plan
+from tpshard.parallel.grid import check_tp, valid_tp_sizes
 from tpshard.tokenizer import find_tokenizer
-
-SAFETENSORS_NAMES = {code: DTYPE_NAMES[dtype] for dtype, code in SAFETENSORS_DTYPES.items()}
-
 
 # --- the split plan -------------------------------------------------------------------------------
 
@@ -159,41 +151,52 @@ class Branch:
 
 
 def block_flow(config: GPTConfig, tp_size: int, itemsize: int) -> list[Branch]:
-    """One transformer block under tensor parallelism: which linears are column or row split, and where
-    the block's two all-reduces sit (the c_proj bias comes after them: added once, not once per rank)."""
+    """One transformer block under tensor parallelism, from plan.BLOCK_PLAN: which linears are column
+    or row split, and the all-reduce after each row-parallel one (its bias comes after: added once,
+    not once per rank)."""
     heads = config.n_head // tp_size
     width = heads * (config.n_embd // config.n_head)
     hidden = 4 * config.n_embd // tp_size
     C = config.n_embd
     qkv_heads = _ranges([r * heads for r in range(tp_size)], heads)
+    shapes = {
+        "attn.c_attn": f"{C} -> 3 x {width} per rank (q,k,v heads {qkv_heads})",
+        "attn.c_proj": f"{width} inputs -> a partial sum of all {C} outputs",
+        "mlp.c_fc": f"{C} -> {hidden} hidden units per rank",
+        "mlp.c_proj": f"{hidden} inputs -> a partial sum of all {C} outputs",
+    }
+    sync_points = plan.block_sync_points()
 
-    def reduce(n: int) -> Step:
-        return Step(
-            f"ALL-REDUCE #{n}", "all-reduce", f"sum the {tp_size} ranks' partials: {C} values x {itemsize} B per token"
+    def linear(module: str) -> list[Step]:
+        rule = plan.BLOCK_PLAN[module]
+        if rule is not plan.Rule.ROW:
+            how = "column, per head" if rule is plan.Rule.QKV_COLUMN else "column"
+            return [Step(module, "column", f"{how}: {shapes[module]}")]
+        reduce = Step(
+            f"ALL-REDUCE #{sync_points.index(module) + 1}",
+            "all-reduce",
+            f"sum the {tp_size} ranks' partials: {C} values x {itemsize} B per token",
         )
+        bias = [Step(f"+ {module}.bias", "add", "replicated, added once after the reduction")] if config.bias else []
+        return [Step(module, "row", f"row: {shapes[module]}"), reduce, *bias]
 
-    def bias(name: str) -> list[Step]:
-        if not config.bias:
-            return []
-        return [Step(f"+ {name}.bias", "add", "replicated, added once after the reduction")]
+    def norm(name: str) -> Step:
+        return Step(name, "replicated", f"every rank normalizes the whole residual stream ({C})")
 
+    residual = Step("+ residual", "add", "every rank holds the same full activations again")
     attention = [
-        Step("ln_1", "replicated", f"every rank normalizes the whole residual stream ({C})"),
-        Step("attn.c_attn", "column", f"column, per head: {C} -> 3 x {width} per rank (q,k,v heads {qkv_heads})"),
+        norm("ln_1"),
+        *linear("attn.c_attn"),
         Step("attention", "local", f"{heads} local head{'s' * (heads != 1)} per rank, own KV cache, no communication"),
-        Step("attn.c_proj", "row", f"row: {width} inputs -> a partial sum of all {C} outputs"),
-        reduce(1),
-        *bias("attn.c_proj"),
-        Step("+ residual", "add", "every rank holds the same full activations again"),
+        *linear("attn.c_proj"),
+        residual,
     ]
     mlp = [
-        Step("ln_2", "replicated", f"every rank normalizes the whole residual stream ({C})"),
-        Step("mlp.c_fc", "column", f"column: {C} -> {hidden} hidden units per rank"),
+        norm("ln_2"),
+        *linear("mlp.c_fc"),
         Step("gelu", "local", "elementwise on the local units, no communication"),
-        Step("mlp.c_proj", "row", f"row: {hidden} inputs -> a partial sum of all {C} outputs"),
-        reduce(2),
-        *bias("mlp.c_proj"),
-        Step("+ residual", "add", "every rank holds the same full activations again"),
+        *linear("mlp.c_proj"),
+        residual,
     ]
     return [Branch("attention", attention), Branch("mlp", mlp)]
 
@@ -248,9 +251,9 @@ def optimizer_state(path: Path) -> Optimizer:
 
 
 def _format(path: Path) -> str:
-    if path.is_dir():
-        return "Hugging Face GPT-2 directory"
-    return "dense safetensors" if path.suffix == ".safetensors" else "nanoGPT ckpt.pt"
+    return {Kind.HF_DIRECTORY: "Hugging Face GPT-2 directory", Kind.DENSE_SAFETENSORS: "dense safetensors"}.get(
+        kind_of(path), "nanoGPT ckpt.pt"
+    )
 
 
 def _disk_bytes(path: Path) -> int:
@@ -312,7 +315,7 @@ class RankEntry:
 
 
 @dataclass
-class Integrity:
+class IntegritySummary:
     files_present: int
     files_expected: int
     sizes_match: bool
@@ -337,7 +340,7 @@ class ShardSetReport:
     ranks: list[RankEntry]
     block: list[Branch]
     plan: SplitPlan
-    integrity: Integrity
+    integrity: IntegritySummary
     kind: str = "shards"
 
 
@@ -387,7 +390,7 @@ def inspect_shards(path: Path, *, checksums: bool = False) -> ShardSetReport:
         ranks=ranks,
         block=block_flow(m.config, m.tp_size, m.dtype.itemsize),
         plan=split,
-        integrity=Integrity(
+        integrity=IntegritySummary(
             files_present=sum(present),
             files_expected=len(ranks),
             sizes_match=all(present) and sizes,
@@ -424,31 +427,18 @@ class RankFileReport:
     kind: str = "rank_file"
 
 
-def rank_file_identity(path: Path) -> tuple[int, int, str] | None:
-    """(rank, tp_size, format version) from a .safetensors file's tpshard metadata; None when the file
-    is not a rank file (a dense safetensors checkpoint, say)."""
-    with open_rank_file(path) as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        return None
-    try:
-        return int(meta["rank"]), int(meta["tp_size"]), meta.get("format_version", "?")
-    except (KeyError, ValueError):
-        raise TpshardError(f"{path}: tpshard rank file with no valid rank / tp_size in its metadata ({meta})") from None
-
-
 def inspect_rank_file(path: Path, *, checksums: bool = False) -> RankFileReport:
     identity = rank_file_identity(path)
     if identity is None:
         raise TpshardError(f"{path}: not a tpshard rank file (no tpshard metadata)")
     rank, tp_size, version = identity
     tensors = []
-    with open_rank_file(path) as f:
+    with open_safetensors(path) as f:
         # in file order, as written (nanoGPT's state_dict order); keys() alone is sorted by name
         names = f.offset_keys() if hasattr(f, "offset_keys") else f.keys()
         for name in names:
             sl = f.get_slice(name)
-            dtype, shape = SAFETENSORS_NAMES.get(sl.get_dtype(), sl.get_dtype()), list(sl.get_shape())
+            dtype, shape = NAMES_BY_CODE.get(sl.get_dtype(), sl.get_dtype()), list(sl.get_shape())
             itemsize = DTYPES[dtype].itemsize if dtype in DTYPES else 0
             tensors.append(StoredTensor(name, dtype, shape, itemsize * _numel(shape)))
     listed = _listing(path, rank)
@@ -488,18 +478,20 @@ def inspect_path(
     """Whatever is at path: a shard directory, a rank file, or a dense checkpoint (tp: how to split
     it, 1 when None; for shards and rank files, tp must be the set's own, if given)."""
     path = Path(path)
-    if not path.exists():
+    kind = kind_of(path)
+    if kind is Kind.MISSING:
         raise TpshardError(f"{path}: no such file or directory")
-    if path.is_dir() and not hf.is_hf_directory(path):
-        if not (path / MANIFEST).is_file():
-            raise TpshardError(
-                f"{path}: neither a shard directory (no {MANIFEST}) nor a Hugging Face GPT-2 directory "
-                "(no config.json); give a ckpt.pt, a shard directory or a rank file"
-            )
+    if kind is Kind.OTHER_DIRECTORY:
+        raise TpshardError(
+            f"{path}: neither a shard directory (no {MANIFEST}) nor a Hugging Face GPT-2 directory "
+            "(no config.json); give a ckpt.pt, a shard directory or a rank file"
+        )
+    if kind is Kind.SHARD_SET:
         _already_split(path, ShardSet.open(path).tp_size, tp, vocab_parallel)
         return inspect_shards(path, checksums=checksums)
-    identity = rank_file_identity(path) if path.suffix == ".safetensors" and path.is_file() else None
-    if identity is not None:
+    if kind is Kind.RANK_FILE:
+        identity = rank_file_identity(path)
+        assert identity is not None
         _already_split(path, identity[1], tp, vocab_parallel)
         return inspect_rank_file(path, checksums=checksums)
     return inspect_checkpoint(path, tp=tp or 1, vocab_parallel=vocab_parallel, checksums=checksums)

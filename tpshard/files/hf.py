@@ -14,10 +14,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from tpshard.checkpoint import Checkpoint, clean_state_dict, config_from_model_args, read_checkpoint_file
+from tpshard.config import GPTConfig
 from tpshard.errors import TpshardError
-from tpshard.model import GPTConfig
-from tpshard.plan import TIED
+from tpshard.files.atomic import atomic_directory
+from tpshard.files.checkpoint import Checkpoint, clean_state_dict, config_from_model_args
+from tpshard.files.nanogpt import read_checkpoint_file
+from tpshard.parallel.plan import TIED
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
@@ -135,8 +137,6 @@ def hf_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
 
 def save_hf(checkpoint: Checkpoint, out_dir: Path, *, force: bool = False) -> None:
     """config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained loads."""
-    from tpshard.shards import atomic_directory
-
     state = hf_state_dict(checkpoint)
     config = hf_config(checkpoint.config) | {"torch_dtype": str(checkpoint.dtype).removeprefix("torch.")}
     with atomic_directory(Path(out_dir), force) as tmp:

@@ -1,6 +1,6 @@
 """`tpshard inspect`: what a checkpoint, a shard set or a rank file holds, and how it splits.
 
-The facts come from tpshard.inspect as dataclasses; this module only renders them (rich), or prints
+The facts come from tpshard.describe as dataclasses; this module only renders them (rich), or prints
 them as one JSON document.
 """
 
@@ -14,10 +14,10 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from tpshard.cli.app import app, existing, stdout
+from tpshard.cli.app import app, expand_user, stdout
 
 if TYPE_CHECKING:  # the CLI imports torch only inside commands
-    from tpshard.inspect import CheckpointReport, RankFileReport, ShardSetReport, SplitPlan
+    from tpshard.describe import CheckpointReport, RankFileReport, ShardSetReport, SplitPlan
 
 KIND_STYLES = {"column": "cyan", "row": "magenta", "all-reduce": "bold red", "local": "green"}
 
@@ -28,7 +28,7 @@ def inspect(
         ...,
         help="A nanoGPT ckpt.pt (or a dense .safetensors, or a Hugging Face GPT-2 directory), a shard "
         "directory written by split, or one rank's .safetensors file.",
-        callback=existing,
+        callback=expand_user,
     ),
     tp: int | None = typer.Option(
         None, "--tp", help="Show how the checkpoint splits N ways (default: 1, and the valid N listed)."
@@ -59,7 +59,7 @@ def inspect(
 
         tpshard inspect shards/rank0-of-2.safetensors --json
     """
-    from tpshard.inspect import CheckpointReport, ShardSetReport, inspect_path, to_json
+    from tpshard.describe import CheckpointReport, ShardSetReport, inspect_path, to_json
 
     report = inspect_path(path, tp=tp, vocab_parallel=vocab_parallel, checksums=checksums)
     failed = (isinstance(report, ShardSetReport) and not report.integrity.ok) or getattr(

@@ -3,31 +3,14 @@
     tpshard generate SHARDS --mode distributed --nproc 2           tpshard starts the 2 ranks itself
     torchrun --nproc-per-node 2 -m tpshard generate SHARDS ...     each rank joins torchrun's group
 
-Either way every rank runs `fn(group, *args)`. tpshard starts its ranks with torch's own launcher engine
+Either way every rank runs `fn(group, *args)`, where group.comm holds the collectives of the run
+(tpshard.comm.process_group). tpshard starts its ranks with torch's own launcher engine
 (`elastic_launch`, the agent torchrun runs): the rendezvous store binds 127.0.0.1 port 0, so the kernel
 picks a free port and no race with another run is possible, and the ranks bootstrap from that store.
 
 Failures: a rank that raises reports its error, a killed rank closes its sockets (its peers' pending
 exchange fails at once), and the agent stops every other rank as soon as one exits non-zero. The
 parent then raises one TpshardError naming the rank that failed first, not the peers that merely lost it.
-
-The sync-point collective, measured on this machine (benchmarks/bench_inference.py prints the table;
-gloo, loopback, 2 processes x 1 thread on 2 shared cores; one token's activations, 768 floats = 3 KiB;
-mean per call, noisy to +-50%):
-
-                                     back to back    between 1 ms matmuls (as in a forward)
-    all_reduce                       0.9-1.8 ms      0.9-1.4 ms
-    all_gather_single, blocking      0.5-0.6 ms      0.5-1.2 ms
-    isend/irecv with each peer       0.2-0.5 ms      0.6-2.3 ms
-    all_gather_single, polled        0.2-0.4 ms      0.4-1.0 ms
-
-and in GPT-2 124M decoding, tp 2 (24 sync points per token, 7 runs each): blocking all_gather_single
-16-18 tokens/s, polled 17-27, 22 on average (dense: 25). A rank that blocks idles its virtual CPU, and
-waking it again takes milliseconds now and then; so a rank with a core of its own polls its
-collective, yielding the core to gloo's threads. all_gather_single then a sum in rank order rather
-than all_reduce: faster, and every rank adds the same partials in the same order, so the result is
-bit-identical on every rank, which keeps their residual streams, KV caches and logits identical. With
-NCCL the same collective is waited for on the stream, as usual.
 """
 
 import ctypes
@@ -48,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tpshard.comm.process_group import STEP_TIMEOUT, LostPeer, ProcessGroupCollectives, lost_peer
 from tpshard.errors import TpshardError, first_line
 
 # Reaching the rendezvous store at start: a store that does not answer this long is not there (a wrong
@@ -56,88 +40,37 @@ from tpshard.errors import TpshardError, first_line
 CONNECT_TIMEOUT = timedelta(seconds=5)
 # Starting the ranks, loading and checksumming a shard: generous.
 SETUP_TIMEOUT = timedelta(seconds=120)
-# One collective during generation, where every rank does the same work: a peer silent this long is
-# stuck (a dead one is noticed at once, its sockets close). Also how long a rank's exit may wait for
-# a collective left pending (gloo's process group waits for them when it is destroyed).
-STEP_TIMEOUT = timedelta(seconds=10)
 # How long a rank that lost a peer waits before exiting: far longer than the agent's 0.1 s monitoring.
 LINGER = timedelta(seconds=3)
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-# torch 2.13 renamed all_gather_into_tensor; the old name remains for older releases
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-class LostPeer(TpshardError):
-    """A collective failed: a consequence of another rank's failure, not the cause."""
 
 
 @dataclass
 class Group:
-    """This process's place in the tensor-parallel group, and the collectives generation needs."""
+    """This process's place in the tensor-parallel group: the collectives generation needs (comm),
+    and the set-up exchanges, which wait up to SETUP_TIMEOUT."""
 
     rank: int
     world_size: int
     device: torch.device
-    setup: dist.ProcessGroup  # waiting for every rank to load its shard, gathering reports: SETUP_TIMEOUT
-    steps: dist.ProcessGroup  # the generation's collectives: the same ranks, with STEP_TIMEOUT
-    poll: bool = False  # wait for collectives by polling: on CPU, when every rank has a core of its own
-    seconds: float = 0.0  # spent in the collectives below, waiting for the other ranks included
-
-    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Every rank's x, stacked in rank order: [world_size, *x.shape], the same on every rank."""
-        parts = x.new_empty((self.world_size, *x.shape))
-        self._wait(lambda: _all_gather_single(parts.view(-1), x.contiguous().view(-1), group=self.steps, async_op=True))
-        return parts
-
-    def sum_across(self, x: torch.Tensor) -> torch.Tensor:
-        """Every rank's x summed in rank order: bit-identical on every rank (see the module docstring)."""
-        return self.all_gather(x).sum(0)
-
-    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
-        """Rank 0's x on every rank, in place."""
-        self._wait(lambda: dist.broadcast(x, src=0, group=self.steps, async_op=True))
-        return x
-
-    def _wait(self, start: Callable[[], dist.Work]) -> None:
-        """Run a collective to completion (see the module docstring): a failure, or on CPU no answer
-        within STEP_TIMEOUT, becomes LostPeer."""
-        begin = time.perf_counter()
-        try:
-            work = start()
-            if self.device.type == "cuda":
-                work.wait()  # ordered on the stream; NCCL's watchdog enforces the group's timeout
-            elif self.poll:
-                deadline = time.monotonic() + STEP_TIMEOUT.total_seconds()
-                while not work.is_completed():
-                    if time.monotonic() > deadline:
-                        raise LostPeer(f"no answer from the other ranks in {STEP_TIMEOUT.seconds} s: one is stuck")
-                    os.sched_yield()
-                work.wait()
-            else:
-                work.wait(STEP_TIMEOUT)
-        except RuntimeError as e:
-            raise _lost(e) from None
-        self.seconds += time.perf_counter() - begin
+    setup: dist.ProcessGroup  # waiting for every rank to load its shard, gathering reports
+    comm: ProcessGroupCollectives  # the generation's collectives: the same ranks, with STEP_TIMEOUT
 
     def barrier(self) -> None:
         """Wait for every rank, for up to SETUP_TIMEOUT: before the first step, whose clock is shorter."""
         try:
             dist.barrier(group=self.setup)
         except RuntimeError as e:
-            raise _lost(e) from None
+            raise lost_peer(e) from None
 
-    def gather(self, obj: object) -> list | None:
-        """Every rank's obj, in rank order, on rank 0 (None elsewhere)."""
+    def gather_to_rank0(self, obj: object) -> list | None:
+        """Every rank's obj (any picklable value), in rank order, on rank 0 (None elsewhere)."""
         gathered = [None] * self.world_size if self.rank == 0 else None
         try:
             dist.gather_object(obj, gathered, dst=0, group=self.setup)
         except RuntimeError as e:
-            raise _lost(e) from None
+            raise lost_peer(e) from None
         return gathered
-
-
-def _lost(e: Exception) -> LostPeer:
-    return LostPeer(f"lost contact with the other ranks ({first_line(e, 160) or type(e).__name__})")
 
 
 def started_by_torchrun() -> bool:
@@ -206,8 +139,10 @@ def _init_group(device: str) -> Group:
             torch.set_num_threads(max(1, cpus // local_world))
         _join("gloo", rank, world)
         poll = local_world <= cpus  # polling a core away from another rank's compute would be slower than blocking
+    # STEP_TIMEOUT is also how long a rank's exit may wait for a collective left pending (gloo's
+    # process group waits for them when it is destroyed)
     setup, steps = dist.new_group(timeout=SETUP_TIMEOUT), dist.new_group(timeout=STEP_TIMEOUT)
-    return Group(rank, world, where, setup, steps, poll)
+    return Group(rank, world, where, setup, ProcessGroupCollectives(steps, rank, world, where, poll))
 
 
 def _join(backend: str, rank: int, world: int, **options: object) -> None:

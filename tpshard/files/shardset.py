@@ -1,0 +1,326 @@
+"""The shard set on disk: one safetensors file per rank plus manifest.json, read and checked before
+any of it is trusted, and written all or nothing.
+
+    OUT_DIR/
+      manifest.json               format, the rank grid, model args, every tensor's rule and dense
+                                  shape, every file's grid position, size and sha256, and where the
+                                  shards came from
+      rank0-of-2.safetensors      rank 0's pieces; its own metadata says rank, tp size, format version
+      rank1-of-2.safetensors
+      meta.pkl | *.tiktoken       the tokenizer, so that a shard set is self-contained
+
+Format versions (see the README): version 1 is every set this tpshard writes. The grid ("grid", and
+each file's "stage" and "tp_rank") was added to version 1 as fields that earlier readers ignore; a
+version-1 manifest without them is a tp x 1 grid. A set that an earlier reader would misread (more
+than one pipeline stage) will carry a higher version.
+"""
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tpshard.config import GPTConfig
+from tpshard.errors import TpshardError
+from tpshard.files.atomic import atomic_directory
+from tpshard.files.checkpoint import MIN_TENSORS_PER_LAYER, config_from_model_args, training_record
+from tpshard.files.tensorfile import (
+    DTYPE_NAMES,
+    DTYPES,
+    SAFETENSORS_CODES,
+    Layout,
+    Progress,
+    open_safetensors,
+    read_tensors,
+    sha256_file,
+    write_safetensors,
+)
+from tpshard.parallel import plan
+from tpshard.parallel.grid import ParallelDims
+
+FORMAT = "tpshard"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20  # a 1000-layer model's manifest is about 1 MB
+
+
+def rank_file_name(rank: int, tp_size: int) -> str:
+    return f"rank{rank}-of-{tp_size}.safetensors"
+
+
+@dataclass
+class Manifest:
+    grid: ParallelDims
+    config: GPTConfig
+    dtype: torch.dtype
+    tensors: dict[str, dict]  # name -> {"rule", "shape"}
+    files: list[dict]  # per rank: {"rank", "stage", "tp_rank", "file", "bytes", "sha256"}
+    source: dict
+    tokenizer: str | None = None
+    format_version: int = FORMAT_VERSION
+    vocab_parallel: bool = False
+
+    @property
+    def tp_size(self) -> int:
+        return self.grid.tp
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "tp_size": self.tp_size,
+            "grid": {"tp": self.grid.tp, "pp": self.grid.pp},
+            "model_args": asdict(self.config),  # everything, activation included
+            "dtype": DTYPE_NAMES[self.dtype],
+            "vocab_parallel": self.vocab_parallel,
+            "vocab_padding": self.vocab_padding,
+            "tied": plan.TIED,
+            "tensors": self.tensors,
+            "files": self.files,
+            "tokenizer": self.tokenizer,
+            "source": self.source,
+        }
+
+    def layout(self) -> Layout:
+        """Every rank file's tensors: name, dtype and piece shape (the same for every rank)."""
+        return [
+            (name, self.dtype, plan.piece_shape(name, tuple(t["shape"]), self.tp_size, self.vocab_parallel))
+            for name, t in self.tensors.items()
+        ]
+
+    @property
+    def vocab_padding(self) -> int:
+        """Zero rows appended to a vocab-parallel embedding (dropped again on merge)."""
+        if not self.vocab_parallel:
+            return 0
+        return plan.vocab_slice(self.config.vocab_size, self.tp_size) * self.tp_size - self.config.vocab_size
+
+    def unshard(self, name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
+        return plan.unshard(name, pieces, self.vocab_parallel, self.config.vocab_size)
+
+    def dense_bytes(self) -> int:
+        return sum(self.dtype.itemsize * int(torch.Size(t["shape"]).numel()) for t in self.tensors.values())
+
+
+def tensor_table(config: GPTConfig, vocab_parallel: bool = False) -> dict[str, dict]:
+    shapes = plan.dense_shapes(config)
+    return {
+        name: {"rule": plan.rule_for(name, vocab_parallel).value, "shape": list(shape)}
+        for name, shape in shapes.items()
+    }
+
+
+def write_shard_set(
+    out_dir: Path,
+    manifest: Manifest,
+    piece: Callable[[str, int], torch.Tensor],
+    describe_source: Callable[[], dict],
+    *,
+    force: bool = False,
+    tokenizer_file: Path | None = None,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Write every rank's file from piece(name, rank), then the manifest, atomically.
+    describe_source runs last, so that hashing the source can overlap the writing."""
+    manifest.grid.check(manifest.config)
+    with atomic_directory(out_dir, force) as tmp:
+        manifest.files = []
+        for rank in range(manifest.grid.world_size):
+            stage, tp_rank = manifest.grid.coordinates(rank)
+            name = rank_file_name(rank, manifest.tp_size)
+            metadata = {
+                "format": FORMAT,
+                "format_version": str(FORMAT_VERSION),
+                "rank": str(rank),
+                "tp_size": str(manifest.tp_size),
+            }
+            produce = lambda n, r=rank: piece(n, r)  # noqa: E731
+            digest = write_safetensors(tmp / name, manifest.layout(), produce, metadata, progress)
+            size = (tmp / name).stat().st_size
+            manifest.files.append(
+                {"rank": rank, "stage": stage, "tp_rank": tp_rank, "file": name, "bytes": size, "sha256": digest}
+            )
+        manifest.source = describe_source()
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / tokenizer_file.name)
+            manifest.tokenizer = tokenizer_file.name
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    return manifest
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def _require(cond: bool, where: Path, what: str) -> None:
+    if not cond:
+        what = what if len(what) <= 300 else what[:300] + "..."  # a forged value can be megabytes long
+        raise TpshardError(f"{where}: invalid manifest: {what}; re-create the shard set with tpshard split")
+
+
+def _plain_name(name: object) -> bool:
+    """A file name in the shard directory itself: no path, no '..'."""
+    return isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _grid(data: dict, tp_size: int, where: Path) -> ParallelDims:
+    """The grid a manifest records; a manifest written before grids were recorded is tp x 1."""
+    grid = data.get("grid", {"tp": tp_size, "pp": 1})
+    _require(isinstance(grid, dict), where, "'grid' is not an object")
+    tp, pp = grid.get("tp"), grid.get("pp")
+    _require(_is_int(tp) and _is_int(pp), where, f"grid {grid!r}")
+    _require(tp == tp_size, where, f"grid tp {tp} but tp_size {tp_size}")
+    if pp != 1:
+        raise TpshardError(
+            f"{where}: a grid of {pp} pipeline stages; this tpshard reads tensor-parallel sets only (pp 1)"
+        )
+    return ParallelDims(tp, pp)
+
+
+def parse_manifest(data: object, where: Path) -> Manifest:
+    """Check a manifest's structure and types before trusting any of it."""
+    _require(isinstance(data, dict), where, "not a JSON object")
+    assert isinstance(data, dict)
+    _require(data.get("format") == FORMAT, where, f"format is {data.get('format')!r}, expected {FORMAT!r}")
+    version = data.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:  # not True, which equals 1
+        raise TpshardError(
+            f"{where}: shard format version {version!r} is not supported (this tpshard reads version "
+            f"{FORMAT_VERSION}); use a matching tpshard or re-split"
+        )
+    for key, kind in (("tp_size", int), ("model_args", dict), ("dtype", str), ("tensors", dict), ("files", list)):
+        _require(isinstance(data.get(key), kind), where, f"'{key}' missing or not a {kind.__name__}")
+    tp_size = data["tp_size"]
+    _require(not isinstance(tp_size, bool) and tp_size >= 1, where, f"tp_size {tp_size!r}")
+    _require(data["dtype"] in DTYPES, where, f"dtype {data['dtype']!r} unknown")
+    config = config_from_model_args(data["model_args"], where)
+    divides = config.n_head % tp_size == 0 and 4 * config.n_embd % tp_size == 0
+    _require(divides, where, f"tp_size {tp_size} does not divide n_head={config.n_head} and 4*n_embd")
+    grid = _grid(data, tp_size, where)
+    vocab_parallel = data.get("vocab_parallel", False)
+    _require(isinstance(vocab_parallel, bool), where, f"vocab_parallel {vocab_parallel!r}")
+    # before the table is built: a forged n_layer=10**9 would make it a billion entries
+    enough = len(data["tensors"]) >= MIN_TENSORS_PER_LAYER * config.n_layer
+    _require(enough, where, f"n_layer={config.n_layer} but {len(data['tensors'])} tensors listed")
+    expected = tensor_table(config, vocab_parallel)
+    _require(data["tensors"] == expected, where, "tensor table disagrees with model_args and the split rules")
+    files = data["files"]
+    _require(len(files) == grid.world_size, where, f"{len(files)} files listed for tp_size {tp_size}")
+    for rank, entry in enumerate(files):
+        _check_file_entry(entry, rank, grid, where)
+    names = [entry["file"] for entry in files]
+    _require(len(set(names)) == len(names), where, "a file is listed for two ranks")
+    tokenizer = data.get("tokenizer")
+    _require(tokenizer is None or _plain_name(tokenizer), where, f"tokenizer {tokenizer!r}")
+    source = data.get("source", {})
+    _require(isinstance(source, dict), where, "source is not an object")
+    training_record(source, where)  # what merge writes back into the checkpoint: the same checks as a ckpt.pt's
+    return Manifest(grid, config, DTYPES[data["dtype"]], expected, files, source, tokenizer, version, vocab_parallel)
+
+
+def _check_file_entry(entry: object, rank: int, grid: ParallelDims, where: Path) -> None:
+    _require(isinstance(entry, dict), where, f"files[{rank}] is not an object")
+    assert isinstance(entry, dict)
+    _require(entry.get("rank") == rank, where, f"files[{rank}] has rank {entry.get('rank')!r}")
+    stage, tp_rank = grid.coordinates(rank)
+    position = entry.get("stage", stage), entry.get("tp_rank", tp_rank)  # absent: written before grids
+    _require(position == (stage, tp_rank), where, f"files[{rank}] at (stage, tp rank) {position!r}")
+    name = entry.get("file")
+    _require(_plain_name(name), where, f"files[{rank}] name {name!r}")
+    size, digest = entry.get("bytes"), entry.get("sha256")
+    _require(_is_int(size) and size > 8, where, f"files[{rank}] bytes {size!r}")
+    _require(isinstance(digest, str) and len(digest) == 64, where, f"files[{rank}] sha256 {digest!r}")
+
+
+@dataclass
+class ShardSet:
+    directory: Path
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, directory: str | Path) -> "ShardSet":
+        directory = Path(directory)
+        if not directory.exists():
+            raise TpshardError(f"{directory}: no such directory")
+        if not directory.is_dir():
+            raise TpshardError(f"{directory}: is a file, expected a shard directory (the output of tpshard split)")
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise TpshardError(f"{directory}: no {MANIFEST}; is this the output of tpshard split?")
+        if path.stat().st_size > MAX_MANIFEST_BYTES:  # read whole, so bounded first
+            raise TpshardError(f"{path}: {path.stat().st_size:,} bytes, too large for a manifest; it is damaged")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+            raise TpshardError(f"{path}: not valid JSON ({str(e)[:200]}); the manifest is damaged") from None
+        except OSError as e:
+            raise TpshardError(f"{path}: cannot read ({e.strerror})") from None
+        return cls(directory, parse_manifest(data, path))
+
+    @property
+    def tp_size(self) -> int:
+        return self.manifest.tp_size
+
+    def rank_path(self, rank: int) -> Path:
+        return self.directory / self.manifest.files[rank]["file"]
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        return self.directory / self.manifest.tokenizer if self.manifest.tokenizer else None
+
+    def check_file(self, rank: int, *, checksum: bool = True, progress: Progress | None = None) -> None:
+        """Raise TpshardError unless rank's file is present, of its recorded size (and sha256), and its
+        safetensors header holds exactly the expected tensors and says it is this rank of this set."""
+        entry, path = self.manifest.files[rank], self.rank_path(rank)
+        if not path.is_file():
+            raise TpshardError(f"{path}: rank {rank}'s shard file is missing")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise TpshardError(f"{path}: {size} bytes, the manifest records {entry['bytes']} (truncated or replaced)")
+        if checksum and sha256_file(path, progress) != entry["sha256"]:
+            raise TpshardError(f"{path}: sha256 differs from the manifest: the file is corrupt or was modified")
+        with open_safetensors(path) as f:
+            self._check_header(f, path, rank)
+
+    def _check_header(self, f, path: Path, rank: int) -> None:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT or meta.get("tp_size") != str(self.tp_size):
+            raise TpshardError(f"{path}: not a rank file of this {self.tp_size}-way shard set (metadata {meta})")
+        if meta.get("rank") != str(rank):
+            raise TpshardError(f"{path}: holds rank {meta.get('rank')}, expected rank {rank} (files swapped?)")
+        layout = {name: (dtype, shape) for name, dtype, shape in self.manifest.layout()}
+        if set(f.keys()) != set(layout):
+            raise TpshardError(f"{path}: its tensors differ from the manifest's")
+        for name, (dtype, shape) in layout.items():
+            sl = f.get_slice(name)
+            if tuple(sl.get_shape()) != shape or sl.get_dtype() != SAFETENSORS_CODES[dtype]:
+                raise TpshardError(f"{path}: {name} is {sl.get_dtype()} {sl.get_shape()}, manifest says {shape}")
+
+    def load_rank(self, rank: int, *, checksum: bool = True) -> dict[str, torch.Tensor]:
+        """Rank's pieces, memory-mapped copy-on-write: only this rank's file is read."""
+        self.check_file(rank, checksum=checksum)
+        return read_tensors(self.rank_path(rank))
+
+    def load_pieces(self, ranks: list[int], *, checksum: bool = True) -> dict[str, list[torch.Tensor]]:
+        """Every tensor's pieces of the given ranks, in rank order."""
+        loaded = [self.load_rank(r, checksum=checksum) for r in ranks]
+        return {name: [rank[name] for rank in loaded] for name in self.manifest.tensors}
+
+
+def rank_file_identity(path: Path) -> tuple[int, int, str] | None:
+    """(rank, tp_size, format version) from a .safetensors file's tpshard metadata; None when the file
+    is not a rank file (a dense safetensors checkpoint, say)."""
+    with open_safetensors(path) as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        return None
+    try:
+        return int(meta["rank"]), int(meta["tp_size"]), meta.get("format_version", "?")
+    except (KeyError, ValueError):
+        raise TpshardError(f"{path}: tpshard rank file with no valid rank / tp_size in its metadata ({meta})") from None

@@ -1,0 +1,80 @@
+"""The same GPT, built for the ranks a process hosts, with counted collectives:
+
+    dense        the whole model, one rank (from a checkpoint, or a shard set merged in memory)
+    simulated    every rank of a shard set in one process; a reduction is a sum over local ranks
+    distributed  one rank per process; the sum goes across the process group
+"""
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from tpshard.comm.collectives import LOCAL, Collectives
+from tpshard.comm.counting import CountingCollectives
+from tpshard.convert import merge_shards
+from tpshard.files.checkpoint import Checkpoint
+from tpshard.files.shardset import ShardSet
+from tpshard.model import GPT
+from tpshard.parallel import plan
+from tpshard.parallel.grid import Placement
+from tpshard.parallel.layers import VocabParallelHead
+
+if TYPE_CHECKING:
+    from tpshard.runtime.launch import Group
+
+
+def sharded_model(
+    shards: ShardSet,
+    ranks: list[int],
+    comm: Collectives,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    checksum: bool = True,
+) -> GPT:
+    """A GPT holding the given ranks' slices, read from their files only (simulated: all ranks).
+    checksum: check each file's sha256 first (False: the caller just did)."""
+    placement = Placement(shards.tp_size, tuple(ranks), shards.manifest.vocab_parallel)
+    pieces = shards.load_pieces(list(ranks), checksum=checksum)
+    state = plan.local_state_dict(pieces, placement.vocab_parallel)
+    model = GPT.from_state_dict(shards.manifest.config, state, placement, comm)
+    return model.to(device=device, dtype=dtype)
+
+
+def dense_model(
+    source: Checkpoint | ShardSet,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    checksum: bool = True,
+) -> GPT:
+    """The whole model: a checkpoint as is, or a shard set merged in memory (checksums verified
+    unless checksum=False)."""
+    checkpoint = source if isinstance(source, Checkpoint) else merge_shards(source, checksum=checksum)
+    return GPT.from_state_dict(checkpoint.config, checkpoint.state_dict).to(device=device, dtype=dtype)
+
+
+def simulated_model(
+    shards: ShardSet,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    checksum: bool = True,
+) -> GPT:
+    """Every rank in this process; a reduction sums the local ranks' partials."""
+    ranks = list(range(shards.tp_size))
+    return sharded_model(shards, ranks, CountingCollectives(LOCAL), device=device, dtype=dtype, checksum=checksum)
+
+
+def distributed_model(
+    shards: ShardSet, group: "Group", *, dtype: torch.dtype | None = None, checksum: bool = True
+) -> GPT:
+    """This process's rank only, read from its own file; the collectives go through the group. The
+    logits are vocabulary-parallel, from the split itself (split --vocab-parallel) or else from
+    VocabParallelHead."""
+    comm = CountingCollectives(group.comm)
+    model = sharded_model(shards, [group.rank], comm, device=group.device, dtype=dtype, checksum=checksum)
+    if not shards.manifest.vocab_parallel:
+        model.lm_head = VocabParallelHead(model.lm_head.weight, group.rank, group.world_size, group.comm)
+    group.barrier()  # every rank loaded (and checksummed) its shard before the first step's timeout starts
+    return model
