@@ -52,6 +52,9 @@ class SplitPlan:
     rank_bytes: int  # one rank's tensors, replicated ones included
     replicated_bytes: int  # the part of rank_bytes that every rank holds whole
     sync_points_per_forward: int  # all-reduces per forward pass: 2 per layer (+1 vocab-parallel); 0 at tp 1
+    sync_points_once_split: int  # the same at any tp above 1 (plan.sync_points)
+    sync_points_per_layer: int  # one per row-parallel module of a block
+    sync_point_roles: list[str]  # what each of a layer's reductions follows: "attention", "the MLP"
     allreduce_payload_bytes: int  # one all-reduce, one token: n_embd activations of dtype
     allreduce_bytes_per_token: int  # sync_points_per_forward * allreduce_payload_bytes
     logits_gather_bytes_per_token: int  # vocab-parallel only: the gathered logits of one token
@@ -105,7 +108,8 @@ def split_plan(config: GPTConfig, dtype: torch.dtype, tp_size: int = 1, vocab_pa
     for tied, source in plan.TIED.items():  # listed like nanoGPT's state_dict, stored once
         s = by_name[source]
         tensors.append(TensorSplit(tied, s.shape, "tied", f"tied to {source}", s.rank_shape, 0))
-    syncs = plan.sync_points(config, vocab_parallel) if tp_size > 1 else 0
+    once_split = plan.sync_points(config, vocab_parallel)
+    syncs = once_split if tp_size > 1 else 0
     payload = config.n_embd * itemsize
     return SplitPlan(
         tp_size=tp_size,
@@ -117,6 +121,9 @@ def split_plan(config: GPTConfig, dtype: torch.dtype, tp_size: int = 1, vocab_pa
         rank_bytes=sum(t.rank_bytes for t in tensors),
         replicated_bytes=sum(t.rank_bytes for t in tensors if t.rule == plan.Rule.REPLICATED),
         sync_points_per_forward=syncs,
+        sync_points_once_split=once_split,
+        sync_points_per_layer=len(plan.block_sync_points()),
+        sync_point_roles=[plan.ROLES[module] for module in plan.block_sync_points()],
         allreduce_payload_bytes=payload,
         allreduce_bytes_per_token=syncs * payload,
         logits_gather_bytes_per_token=(

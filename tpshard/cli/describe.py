@@ -148,17 +148,19 @@ def _plan(out: Console, p: "SplitPlan") -> None:
             f"(held by every rank); {n} x that = {_size(n * p.rank_bytes)}, {n * p.rank_bytes / p.dense_bytes:.2f}x "
             f"the dense {_size(p.dense_bytes)}",
         )
-    layers = len({_layer(t.name) for t in p.tensors} - {""})
     per_token = f"{p.sync_points_per_forward} all-reduces x {_size(p.allreduce_payload_bytes)}"
     if n == 1:
-        facts.add_row("sync points", f"none at tp 1; 2 per layer ({2 * layers} per forward) once split")
+        once = p.sync_points_once_split
+        per_layer = f"{p.sync_points_per_layer} per layer ({once} per forward)"
+        facts.add_row("sync points", f"none at tp 1; {per_layer} once split")
         facts.add_row(
-            "all-reduce",
-            f"none at tp 1; once split, {_size(2 * layers * p.allreduce_payload_bytes)} per generated token",
+            "all-reduce", f"none at tp 1; once split, {_size(once * p.allreduce_payload_bytes)} per generated token"
         )
     else:
         extra = " + 1 for the split embedding" if p.vocab_parallel else ""
-        facts.add_row("sync points", f"{p.sync_points_per_forward} per forward: 2 per layer (attention, MLP){extra}")
+        roles = ", ".join(role.removeprefix("the ") for role in p.sync_point_roles)
+        per_layer = f"{p.sync_points_per_layer} per layer ({roles}){extra}"
+        facts.add_row("sync points", f"{p.sync_points_per_forward} per forward: {per_layer}")
         facts.add_row(
             "all-reduce",
             f"{_size(p.allreduce_bytes_per_token, exact=True)} per generated token = {per_token}: one token's "
@@ -229,7 +231,7 @@ def _block_tree(r: "ShardSetReport") -> Tree:
     tree = Tree(
         Text.assemble(
             ("one block", "bold"),
-            f" (x {layers} layers) at tp {r.tp_size}: 2 all-reduces per block, "
+            f" (x {layers} layers) at tp {r.tp_size}: {r.plan.sync_points_per_layer} all-reduces per block, "
             f"{r.plan.sync_points_per_forward} per forward",
         )
     )
