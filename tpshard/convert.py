@@ -12,6 +12,7 @@ from tpshard.files.shardset import Manifest, ShardSet, tensor_table, write_shard
 from tpshard.files.tensorfile import DTYPE_NAMES, BackgroundHash, Progress
 from tpshard.parallel import plan
 from tpshard.parallel.grid import ParallelDims
+from tpshard.tokenizer import find_tokenizer
 
 
 def split_checkpoint(
@@ -58,6 +59,28 @@ def split_checkpoint(
     return write_shard_set(
         out_dir, manifest, piece, describe_source, force=force, tokenizer_file=tokenizer_file, progress=progress
     )
+
+
+def tokenizer_to_ship(checkpoint: Checkpoint, explicit: Path | None, scratch: Path) -> tuple[Path | None, str | None]:
+    """The tokenizer file that goes into a shard set, so that it is self-contained, or (None, why not).
+    A tokenizer with no single file of its own (an HF vocab.json + merges.txt) is saved to scratch as a
+    ranks file. An explicit tokenizer that fails raises."""
+    try:
+        tok = find_tokenizer(
+            checkpoint.path,
+            dataset=checkpoint.train_config.get("dataset"),
+            vocab_size=checkpoint.config.vocab_size,
+            explicit=explicit,
+        )
+    except TpshardError as e:
+        if explicit is not None:
+            raise
+        return None, " ".join(str(e).split())
+    if tok.source is None and getattr(tok, "ranks", None) is not None:  # e.g. an HF vocab.json + merges.txt
+        ranks_file = scratch / "gpt2.tiktoken"
+        tok.save_ranks(ranks_file)
+        return ranks_file, None
+    return tok.source, None
 
 
 def merge_shards(shards: ShardSet, *, checksum: bool = True, progress: Progress | None = None) -> Checkpoint:

@@ -29,29 +29,6 @@ def _files_table(manifest, directory: Path) -> Table:
     return table
 
 
-def _tokenizer_to_ship(ckpt, explicit: Path | None, scratch: Path) -> Path | None:
-    """The tokenizer file that goes into the shard set, so that it is self-contained."""
-    from tpshard.tokenizer import find_tokenizer
-
-    try:
-        tok = find_tokenizer(
-            ckpt.path, dataset=ckpt.train_config.get("dataset"), vocab_size=ckpt.config.vocab_size, explicit=explicit
-        )
-    except TpshardError as e:
-        if explicit is not None:
-            raise
-        # the reason matters: none found, or one found and refused (a meta.pkl that would run code, say)
-        reason = " ".join(str(e).split())
-        note = f"[yellow]note:[/] {escape(reason)}; the shard set ships without a tokenizer"
-        stderr.print(note, markup=True, soft_wrap=True)
-        return None
-    if tok.source is None and getattr(tok, "ranks", None) is not None:  # e.g. an HF vocab.json + merges.txt
-        ranks_file = scratch / "gpt2.tiktoken"
-        tok.save_ranks(ranks_file)
-        return ranks_file
-    return tok.source
-
-
 @app.command()
 def split(
     checkpoint: Path = typer.Argument(..., help="nanoGPT ckpt.pt (as train.py writes it).", callback=expand_user),
@@ -73,7 +50,7 @@ def split(
     rows (their biases are added once, after the all-reduce); everything else is replicated. The
     optimizer state is left out and never read. The write is atomic: OUT appears only when complete.
     """
-    from tpshard.convert import split_checkpoint
+    from tpshard.convert import split_checkpoint, tokenizer_to_ship
     from tpshard.files.paths import load_checkpoint
     from tpshard.files.tensorfile import DTYPES
 
@@ -81,7 +58,10 @@ def split(
     target = DTYPES[dtype.value] if dtype else None
     total = tp * sum(t.numel() * (target or ckpt.dtype).itemsize for t in ckpt.state_dict.values())
     with tempfile.TemporaryDirectory() as scratch, byte_progress(f"split into {tp}", total) as progress:
-        tokenizer_file = _tokenizer_to_ship(ckpt, tokenizer, Path(scratch))
+        tokenizer_file, why_none = tokenizer_to_ship(ckpt, tokenizer, Path(scratch))
+        if why_none:  # the reason matters: none found, or one found and refused (a meta.pkl that would run code)
+            note = f"[yellow]note:[/] {escape(why_none)}; the shard set ships without a tokenizer"
+            stderr.print(note, markup=True, soft_wrap=True)
         manifest = split_checkpoint(
             ckpt,
             tp,
