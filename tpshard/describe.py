@@ -19,7 +19,7 @@ from tpshard.config import GPTConfig
 from tpshard.errors import TpshardError
 from tpshard.files.checkpoint import Checkpoint, model_args
 from tpshard.files.nanogpt import read_checkpoint_file
-from tpshard.files.paths import Kind, kind_of, load_checkpoint
+from tpshard.files.paths import Kind, checkpoint_file, kind_of, load_checkpoint
 from tpshard.files.shardset import MANIFEST, ShardSet, rank_file_identity
 from tpshard.files.tensorfile import DTYPE_NAMES, DTYPES, NAMES_BY_CODE, open_safetensors, sha256_file
 from tpshard.parallel import plan
@@ -496,6 +496,8 @@ def inspect_path(
     if kind is Kind.SHARD_SET:
         _already_split(path, ShardSet.open(path).tp_size, tp, vocab_parallel)
         return inspect_shards(path, checksums=checksums)
+    if kind is Kind.NANOGPT_OUT_DIR:
+        path = checkpoint_file(path)  # described as the ckpt.pt it holds, as sample.py's --out_dir reads it
     if kind is Kind.RANK_FILE:
         identity = rank_file_identity(path)
         assert identity is not None

@@ -228,7 +228,7 @@ def _integrity(out: Console, i: "Integrity") -> None:
         if m.source_sha256_matches is not None:
             verdict = "matches" if m.source_sha256_matches else "differs from"
             out.print(
-                Text(f"  {Path(m.against).name}'s sha256 {verdict} the one the manifest recorded at split", "dim")
+                Text(f"  {m.source_file}'s sha256 {verdict} the one the manifest recorded at split", "dim")
             )
 
 

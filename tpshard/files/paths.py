@@ -12,11 +12,14 @@ from tpshard.files.nanogpt import load_nanogpt
 from tpshard.files.shardset import FORMAT, MANIFEST, ShardSet
 from tpshard.files.tensorfile import open_safetensors
 
+NANOGPT_FILE = "ckpt.pt"  # in an out_dir
+
 
 class Kind(StrEnum):
     MISSING = "nothing there"
     SHARD_SET = "shard directory"  # manifest.json inside
     HF_DIRECTORY = "Hugging Face GPT-2 directory"  # config.json inside
+    NANOGPT_OUT_DIR = "nanoGPT out_dir"  # ckpt.pt inside, as train.py writes it and sample.py reads it
     OTHER_DIRECTORY = "directory"
     RANK_FILE = "rank file"  # a .safetensors with tpshard's metadata
     DENSE_SAFETENSORS = "dense safetensors"  # any other .safetensors: what merge --format safetensors writes
@@ -30,7 +33,9 @@ def kind_of(path: Path) -> Kind:
     if path.is_dir():
         if is_hf_directory(path):
             return Kind.HF_DIRECTORY
-        return Kind.SHARD_SET if (path / MANIFEST).is_file() else Kind.OTHER_DIRECTORY
+        if (path / MANIFEST).is_file():
+            return Kind.SHARD_SET
+        return Kind.NANOGPT_OUT_DIR if (path / NANOGPT_FILE).is_file() else Kind.OTHER_DIRECTORY
     if path.suffix == ".safetensors" and path.is_file():
         return Kind.RANK_FILE if _has_tpshard_metadata(path) else Kind.DENSE_SAFETENSORS
     return Kind.NANOGPT
@@ -45,7 +50,7 @@ def _has_tpshard_metadata(path: Path) -> bool:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """A dense checkpoint: a nanoGPT ckpt.pt, a dense .safetensors (`tpshard merge --format
+    """A dense checkpoint: a nanoGPT ckpt.pt or the out_dir that holds it, a dense .safetensors (`tpshard merge --format
     safetensors`) or a Hugging Face GPT-2 directory; validated, tensors memory-mapped, optimizer state
     left on disk."""
     path = Path(path)
@@ -54,7 +59,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         return load_hf(path)
     if kind in (Kind.DENSE_SAFETENSORS, Kind.RANK_FILE):
         return load_safetensors_checkpoint(path)
-    return load_nanogpt(path)  # which says what is wrong with anything else
+    return load_nanogpt(checkpoint_file(path))  # which says what is wrong with anything else
+
+
+def checkpoint_file(path: Path) -> Path:
+    """The ckpt.pt a path names: itself, or the one in a nanoGPT out_dir."""
+    return path / NANOGPT_FILE if kind_of(path) is Kind.NANOGPT_OUT_DIR else path
 
 
 def open_model_source(path: str | Path) -> Checkpoint | ShardSet:

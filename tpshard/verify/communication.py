@@ -35,8 +35,14 @@ def count_communication(sharded: list[Trace], shards: ShardSet, mode: str) -> Co
 
 
 def _gather_note(vocab_parallel: bool, mode: str) -> str | None:
-    if mode == "distributed":
+    if mode == "distributed" and vocab_parallel:
         return "plus one all-gather of the vocabulary-sliced logits per forward (not a reduction, not counted)"
+    if mode == "distributed":
+        return (
+            "plus one all-gather of the vocabulary-sliced logits per forward (not a reduction, not counted): "
+            "distributed, each rank computes the logits of its share of the vocabulary, even from a replicated "
+            "embedding, so that no rank reads the whole output matrix for every token"
+        )
     if vocab_parallel:
         return "distributed, a vocab-parallel set also all-gathers its logits once per forward (not counted)"
     return None

@@ -135,8 +135,9 @@ def _check_merge(
     if reference.dtype != m.dtype:
         merge.cast = f"the reference's {DTYPE_NAMES.get(reference.dtype)} cast to {DTYPE_NAMES[m.dtype]}"
     recorded = m.source.get("sha256")
-    if recorded and Path(against).is_file() and Path(against).name == m.source.get("file"):
-        merge.source_sha256_matches = sha256_file(Path(against)) == recorded
+    if recorded and reference.path.is_file() and reference.path.name == m.source.get("file"):
+        merge.source_sha256_matches = sha256_file(reference.path) == recorded
+        merge.source_file = reference.path.name
     merge.problem = _same_model(shards, reference)
     if merge.problem:
         return merge

@@ -54,6 +54,7 @@ class MergeCheck:
     first_difference: str | None = None  # the first tensor that differs, with the element
     cast: str | None = None  # the reference's dtype cast to the shards' before comparing
     source_sha256_matches: bool | None = None  # the reference file against the manifest's record of its source
+    source_file: str | None = None  # the file that was hashed (an out_dir's ckpt.pt, an HF directory's weights)
     problem: str | None = None  # why the comparison could not run or failed
 
 
