@@ -72,11 +72,24 @@ class CharTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         try:
             return [self.stoi[c] for c in text]
-        except KeyError as e:
-            raise TpshardError(
-                f"character {e.args[0]!r} is not in the vocabulary of {self.source} "
-                f"({self.vocab_size} symbols); use only characters from the training text"
-            ) from None
+        except KeyError:
+            raise self._unknown_characters(text) from None
+
+    def _unknown_characters(self, text: str, shown: int = 5) -> TpshardError:
+        """Every character the vocabulary lacks, not just the first: the first `shown` distinct ones,
+        each with the position of its first occurrence, and how many more there are."""
+        first: dict[str, int] = {}
+        for position, c in enumerate(text):
+            if c not in self.stoi and c not in first:
+                first[c] = position
+        named = ", ".join(f"{c!r} (index {position})" for c, position in list(first.items())[:shown])
+        more = f" and {len(first) - shown} more" if len(first) > shown else ""
+        what = "character" if len(first) == 1 else f"{len(first)} characters"
+        verb = "is" if len(first) == 1 else "are"
+        return TpshardError(
+            f"{what} {named}{more} {verb} not in the vocabulary of {self.source} "
+            f"({self.vocab_size} symbols); use only characters from the training text"
+        )
 
     def decode_bytes(self, ids: list[int]) -> bytes:
         self._check_ids(ids)

@@ -28,7 +28,7 @@ app = typer.Typer(
         "Typical flow: inspect -> split -> verify -> generate. Exit codes: 0 ok, 1 a verification "
         "failed, 2 bad input or usage."
     ),
-    no_args_is_help=True,
+    invoke_without_command=True,  # `tpshard` alone: _root prints the short overview below, exit 2
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -44,9 +44,26 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    pass
+    if ctx.invoked_subcommand is None:
+        # no command is a usage error: a few lines that say what to type next, not the whole --help
+        typer.echo(overview(ctx), err=True)
+        raise typer.Exit(2)
+
+
+def overview(ctx: typer.Context) -> str:
+    """`tpshard` with no command: the usage line and each command's one-line summary (stderr)."""
+    group = ctx.command
+    names = group.list_commands(ctx)  # type: ignore[attr-defined]
+    width = max(map(len, names))
+    lines = [f"usage: {ctx.command_path} COMMAND [ARGS]... (typical flow: inspect -> split -> verify -> generate)"]
+    for name in names:
+        summary = group.get_command(ctx, name).get_short_help_str(limit=80)  # type: ignore[attr-defined]
+        lines.append(f"  {name:<{width}}  {summary}")
+    lines.append(f"'{ctx.command_path} COMMAND --help' for a command's options, '{ctx.command_path} --help' for more")
+    return "\n".join(lines)
 
 
 def expand_user(path: Path) -> Path:
