@@ -189,6 +189,6 @@ def test_hf_vocab_tokenizes_offline_and_ships_with_shards(tmp_path: Path) -> Non
     assert ids[-1] == 258 and tok.decode(ids) == "the the"  # " the" is the last merge, one token
     shards = tmp_path / "shards"
     subprocess.run([sys.executable, "-m", "tpshard", "split", str(source), "--tp", "2", "-o", str(shards)], check=True)
-    assert (shards / "gpt2.tiktoken").is_file()
+    assert (shards / "tokenizer.tiktoken").is_file()
     shipped = find_tokenizer(shards, dataset=None, vocab_size=HF["vocab_size"])
     assert shipped.encode("the the") == ids

@@ -6,13 +6,21 @@ from pathlib import Path
 import torch
 
 from tpshard.errors import TpshardError
-from tpshard.files.atomic import refuse_output_over_inputs
+from tpshard.files.atomic import file_status, refuse_output_over_inputs
 from tpshard.files.checkpoint import Checkpoint, training_record
-from tpshard.files.shardset import Manifest, ShardSet, tensor_table, write_shard_set
+from tpshard.files.shardset import (
+    BPE_TOKENIZER,
+    CHAR_TOKENIZER,
+    MANIFEST,
+    Manifest,
+    ShardSet,
+    tensor_table,
+    write_shard_set,
+)
 from tpshard.files.tensorfile import DTYPE_NAMES, BackgroundHash, Progress
 from tpshard.parallel import plan
 from tpshard.parallel.grid import ParallelDims
-from tpshard.tokenizer import find_tokenizer
+from tpshard.tokenizer import CharTokenizer, find_tokenizer, load_tokenizer_file
 
 
 def split_checkpoint(
@@ -26,10 +34,12 @@ def split_checkpoint(
     tokenizer_file: Path | None = None,
     progress: Progress | None = None,
 ) -> Manifest:
-    """Split a dense checkpoint into tp_size rank files (optimizer state is left out)."""
+    """Split a dense checkpoint into tp_size rank files (optimizer state is left out). tokenizer_file
+    (a meta.pkl or a ranks file, under any name) is loaded, and shipped under the name of its kind."""
     grid = ParallelDims(tp_size)
     grid.check(checkpoint.config)
-    refuse_output_over_inputs(out_dir, [checkpoint.path, *([tokenizer_file] if tokenizer_file else [])])
+    refuse_output_over_inputs(out_dir, [*input_files(checkpoint.path), *([tokenizer_file] if tokenizer_file else [])])
+    tokenizer_name = shipped_tokenizer_name(tokenizer_file) if tokenizer_file is not None else None
     dtype = dtype or checkpoint.dtype
     source_hash = BackgroundHash(checkpoint.path)
     manifest = Manifest(
@@ -47,7 +57,7 @@ def split_checkpoint(
 
     def describe_source() -> dict:
         return {
-            "file": checkpoint.path.name,
+            "file": as_text(checkpoint.path.name),
             "sha256": source_hash.get(),
             "iter_num": checkpoint.iter_num,
             "best_val_loss": checkpoint.best_val_loss,
@@ -57,8 +67,38 @@ def split_checkpoint(
         }
 
     return write_shard_set(
-        out_dir, manifest, piece, describe_source, force=force, tokenizer_file=tokenizer_file, progress=progress
+        out_dir,
+        manifest,
+        piece,
+        describe_source,
+        force=force,
+        tokenizer_file=tokenizer_file,
+        tokenizer_name=tokenizer_name,
+        progress=progress,
     )
+
+
+def shipped_tokenizer_name(path: Path) -> str:
+    """The name a tokenizer file gets in a shard set, from what it is (loaded, so a file that is no
+    tokenizer is refused here, before anything is written): never the user's own name."""
+    return CHAR_TOKENIZER if isinstance(load_tokenizer_file(path), CharTokenizer) else BPE_TOKENIZER
+
+
+def input_files(path: Path) -> list[Path]:
+    """A checkpoint's path, and for a directory (an HF one) the files in it, which may be links to
+    elsewhere (the hub's cache links each to a blob): --force must replace none of them."""
+    if not path.is_dir():
+        return [path]
+    try:
+        return [path, *path.iterdir()]
+    except OSError:
+        return [path]
+
+
+def as_text(name: str) -> str:
+    """A file name as JSON text: the bytes that are not UTF-8 (Python holds them as lone surrogates, which a
+    manifest must not) shown as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def tokenizer_to_ship(checkpoint: Checkpoint, explicit: Path | None, scratch: Path) -> tuple[Path | None, str | None]:
@@ -77,7 +117,7 @@ def tokenizer_to_ship(checkpoint: Checkpoint, explicit: Path | None, scratch: Pa
             raise
         return None, " ".join(str(e).split())
     if tok.source is None and getattr(tok, "ranks", None) is not None:  # e.g. an HF vocab.json + merges.txt
-        ranks_file = scratch / "gpt2.tiktoken"
+        ranks_file = scratch / BPE_TOKENIZER
         tok.save_ranks(ranks_file)
         return ranks_file, None
     return tok.source, None
@@ -107,10 +147,18 @@ def reshard(
     one tensor at a time, without a dense checkpoint on disk."""
     grid = ParallelDims(tp_size)
     grid.check(shards.manifest.config)
-    refuse_output_over_inputs(out_dir, [shards.directory])
     tokenizer = shards.tokenizer_path
-    if tokenizer is not None and not tokenizer.is_file():  # copied last: say so before the long write
-        raise TpshardError(f"{tokenizer}: the manifest's tokenizer file is missing; restore it or re-split")
+    parts = [shards.directory / MANIFEST, *map(shards.rank_path, range(shards.tp_size)), *filter(None, [tokenizer])]
+    refuse_output_over_inputs(out_dir, [shards.directory, *parts])  # a rank file may be a link to elsewhere
+    tokenizer_name = None
+    if tokenizer is not None:  # copied last: say what is wrong with it before the long write
+        _, problem = file_status(tokenizer)
+        if problem:
+            raise TpshardError(f"{tokenizer}: the manifest's tokenizer file is {problem}; restore it or re-split")
+        try:  # a set written before the shipped names were fixed may call it anything: renamed here
+            tokenizer_name = shipped_tokenizer_name(tokenizer)
+        except TpshardError as e:
+            raise TpshardError(f"{e}; the shard set's tokenizer is damaged: restore it or re-split") from None
     for rank in range(shards.tp_size):
         shards.check_file(rank)
     old = shards.load_pieces(list(range(shards.tp_size)), checksum=False)
@@ -122,6 +170,7 @@ def reshard(
         lambda name, rank: plan.shard(name, m.unshard(name, old[name]), rank, tp_size, m.vocab_parallel),
         lambda: {**m.source, "resharded_from_tp": m.tp_size},
         force=force,
-        tokenizer_file=shards.tokenizer_path,
+        tokenizer_file=tokenizer,
+        tokenizer_name=tokenizer_name,
         progress=progress,
     )

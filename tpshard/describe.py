@@ -503,11 +503,13 @@ def inspect_path(
         assert identity is not None
         _already_split(path, identity[1], tp, vocab_parallel)
         return inspect_rank_file(path, checksums=checksums)
-    return inspect_checkpoint(path, tp=tp or 1, vocab_parallel=vocab_parallel, checksums=checksums)
+    return inspect_checkpoint(path, tp=1 if tp is None else tp, vocab_parallel=vocab_parallel, checksums=checksums)
 
 
 def _already_split(path: Path, tp_size: int, tp: int | None, vocab_parallel: bool) -> None:
     """--tp and --vocab-parallel describe a split to come; a shard set or rank file has had its own."""
+    if tp is not None and tp < 1:
+        raise TpshardError(f"--tp {tp}: must be at least 1")
     if tp is not None and tp != tp_size:
         shards = path if path.is_dir() else path.parent
         raise TpshardError(

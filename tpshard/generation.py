@@ -2,6 +2,7 @@
 runtimes: nanoGPT's sampling, the token loop, and a Runner that times it and reads what the model's
 collectives counted."""
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -9,7 +10,16 @@ from dataclasses import dataclass, replace
 import torch
 
 from tpshard.comm.counting import CountingCollectives
+from tpshard.errors import TpshardError
 from tpshard.model import GPT, KVCache
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (a negative seed would wrap around)
+
+
+def check_seed(seed: int, option: str = "--seed") -> None:
+    """A seed torch.Generator takes as it is: 0 .. 2**64 - 1."""
+    if not 0 <= seed <= SEED_MAX:
+        raise TpshardError(f"{option} {seed}: must be between 0 and 2**64 - 1 ({SEED_MAX})")
 
 
 @dataclass
@@ -21,12 +31,31 @@ class Sampling:
     greedy: bool = False
     seed: int = 1337
 
+    def check(self) -> None:
+        """Refuse knobs that cannot sample (the CLI's option names in the messages). The temperature
+        is ignored when greedy, but must still be a number: nan and inf never mean anything."""
+        if not math.isfinite(self.temperature):
+            raise TpshardError(f"--temperature {self.temperature}: must be a finite number above 0")
+        if self.temperature <= 0 and not self.greedy:
+            raise TpshardError(
+                f"--temperature {self.temperature}: must be above 0; for the most likely token use --greedy"
+            )
+        if self.top_k is not None and self.top_k < 1:
+            raise TpshardError(f"--top-k {self.top_k}: must be 0 (all tokens) or more")
+        check_seed(self.seed)
+
 
 class TokenPicker:
     """Chooses the next token from the last position's logits (B, V): argmax, or nanoGPT's
-    temperature + top-k sampling from a generator of its own (same seed, same tokens)."""
+    temperature + top-k sampling from a generator of its own (same seed, same tokens).
+
+    A temperature so small that logits / temperature overflows float32 (1e-40, say: the largest
+    scaled logit is then inf, or every one -inf) has no distribution to draw from; such a row takes
+    the limit that temperatures approaching 0 tend to, the most likely token, as greedy does. Every
+    other row is sampled exactly as nanoGPT samples it."""
 
     def __init__(self, sampling: Sampling, device: torch.device | str = "cpu"):
+        sampling.check()
         self.sampling = sampling
         self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
 
@@ -34,7 +63,12 @@ class TokenPicker:
         logits = logits.float()
         if self.sampling.greedy:
             return logits.argmax(dim=-1)
-        logits = logits / self.sampling.temperature
+        scaled = logits / self.sampling.temperature
+        overflow = ~torch.isfinite(scaled.amax(dim=-1, keepdim=True))
+        if overflow.any():  # the temperature is too small for float32: the most likely token
+            most_likely = torch.full_like(scaled, -float("inf")).scatter_(-1, logits.argmax(-1, keepdim=True), 0.0)
+            scaled = torch.where(overflow, most_likely, scaled)
+        logits = scaled
         if self.sampling.top_k is not None:
             v, _ = torch.topk(logits, min(self.sampling.top_k, logits.size(-1)))
             logits[logits < v[:, [-1]]] = -float("inf")
@@ -112,6 +146,13 @@ class Runner:
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
         if self.picker is not None:
+            if not torch.isfinite(logits).all():  # finite weights, overflowing activations: garbage, or a crash
+                dtype = self.model.lm_head.weight.dtype
+                hint = "; try --dtype float32" if dtype in (torch.float16, torch.bfloat16) else ""
+                raise TpshardError(
+                    f"the model's logits came out NaN or infinite (computing in {str(dtype).removeprefix('torch.')}): "
+                    f"its activations overflow{hint}"
+                )
             token = self.picker(logits)
         else:
             token = torch.empty(logits.size(0), dtype=torch.long, device=self.device)

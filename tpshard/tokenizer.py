@@ -261,8 +261,13 @@ def load_hf_vocab(folder: Path) -> Tokenizer:
     os.environ["TIKTOKEN_CACHE_DIR"] = ""  # tiktoken caches even local files by path; read them afresh
     try:
         ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(merges), str(vocab))
-    except (OSError, ValueError, KeyError, AssertionError) as e:
-        raise TpshardError(f"{folder}: vocab.json / merges.txt are not a GPT-2 BPE ({type(e).__name__}: {e})") from None
+    except (AttributeError, TypeError):  # vocab.json a list, a string, a number: tiktoken calls .items() on it
+        raise TpshardError(
+            f"{vocab}: not a JSON object of token: id; expected a GPT-2 vocab.json (with {merges.name})"
+        ) from None
+    except (OSError, ValueError, KeyError, AssertionError, RecursionError) as e:  # RecursionError: nested too deep
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+        raise TpshardError(f"{folder}: vocab.json / merges.txt are not a GPT-2 BPE ({why})") from None
     finally:
         if cache is None:
             del os.environ["TIKTOKEN_CACHE_DIR"]
@@ -277,7 +282,11 @@ def load_tokenizer_file(path: Path | str) -> Tokenizer:
     """A meta.pkl or a .tiktoken file, told apart by suffix, else by content (pickles start with 0x80)."""
     path = Path(path)
     if not path.is_file():
-        raise TpshardError(f"{path}: no such tokenizer file; {TOKENIZER_HINT}")
+        from tpshard.files.atomic import file_status
+
+        _, problem = file_status(path)
+        what = "no such tokenizer file" if problem in (None, "missing") else f"is {problem}, not a tokenizer file"
+        raise TpshardError(f"{path}: {what}; {TOKENIZER_HINT}")
     if path.suffix == ".pkl":
         return load_meta_pkl(path)
     if path.suffix == ".tiktoken":
@@ -288,12 +297,15 @@ def load_tokenizer_file(path: Path | str) -> Tokenizer:
 
 
 def find_tokenizer(
-    checkpoint: Path | str, *, dataset: str | None, vocab_size: int, explicit: Path | str | None = None
+    checkpoint: Path | str, *, dataset: object, vocab_size: int, explicit: Path | str | None = None
 ) -> Tokenizer:
-    """The tokenizer for a checkpoint (a ckpt.pt or its directory), looked for in this order:
-    `explicit`; meta.pkl beside the checkpoint; data/<dataset>/meta.pkl under the current directory
-    (where nanoGPT's sample.py looks); the one *.tiktoken beside the checkpoint; tiktoken's gpt2 when
-    vocab_size is GPT-2's. It must not have more tokens than the model."""
+    """The tokenizer for a checkpoint (a ckpt.pt or its directory, or a shard directory), looked for in
+    this order: `explicit`; the one a shard set's manifest names; meta.pkl beside the checkpoint;
+    data/<dataset>/meta.pkl under the current directory (where nanoGPT's sample.py looks); the one
+    *.tiktoken beside the checkpoint; tiktoken's gpt2 when vocab_size is GPT-2's. It must not have more
+    tokens than the model. dataset is the training config's, as found: anything but a name (an int, a
+    list, from a forged checkpoint) is no dataset."""
+    dataset = dataset if isinstance(dataset, str) and dataset else None
     tokenizer = _search(Path(checkpoint), dataset, vocab_size, Path(explicit) if explicit else None)
     if tokenizer.vocab_size > vocab_size:
         raise TpshardError(
@@ -306,6 +318,9 @@ def find_tokenizer(
 def _search(checkpoint: Path, dataset: str | None, vocab_size: int, explicit: Path | None) -> Tokenizer:
     if explicit is not None:
         return load_tokenizer_file(explicit)
+    shipped = _shipped(checkpoint)
+    if shipped is not None:
+        return load_tokenizer_file(shipped)
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     candidates: list[tuple[Path, Callable[[Path], Tokenizer]]] = [(folder / "meta.pkl", load_meta_pkl)]
     if dataset:
@@ -328,6 +343,21 @@ def _search(checkpoint: Path, dataset: str | None, vocab_size: int, explicit: Pa
         f"no tokenizer found for {checkpoint} (vocab_size {vocab_size}, not GPT-2's); looked for "
         f"{', '.join(looked)}; {TOKENIZER_HINT}"
     )
+
+
+def _shipped(directory: Path) -> Path | None:
+    """The tokenizer a shard set's manifest names (whatever its name: a set written by an earlier tpshard
+    kept the user's), or None when directory is no shard set or its manifest names none."""
+    if not directory.is_dir():
+        return None
+    from tpshard.files.shardset import MANIFEST, ShardSet  # here: it imports torch
+
+    if not (directory / MANIFEST).is_file():
+        return None
+    try:
+        return ShardSet.open(directory).tokenizer_path
+    except TpshardError:  # not a shard set after all (the callers that take one have opened it already)
+        return None
 
 
 def _read_bytes(path: Path, what: str) -> bytes:

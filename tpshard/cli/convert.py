@@ -1,5 +1,6 @@
 """`tpshard split`, `merge` and `reshard`: the shard set on disk."""
 
+import os
 import tempfile
 from enum import StrEnum
 from pathlib import Path
@@ -59,9 +60,6 @@ def split(
     total = tp * sum(t.numel() * (target or ckpt.dtype).itemsize for t in ckpt.state_dict.values())
     with tempfile.TemporaryDirectory() as scratch, byte_progress(f"split into {tp}", total) as progress:
         tokenizer_file, why_none = tokenizer_to_ship(ckpt, tokenizer, Path(scratch))
-        if why_none:  # the reason matters: none found, or one found and refused (a meta.pkl that would run code)
-            note = f"[yellow]note:[/] {escape(why_none)}; the shard set ships without a tokenizer"
-            stderr.print(note, markup=True, soft_wrap=True)
         manifest = split_checkpoint(
             ckpt,
             tp,
@@ -72,6 +70,10 @@ def split(
             tokenizer_file=tokenizer_file,
             progress=progress,
         )
+    if why_none:  # the reason matters: none found, or one found and refused (a meta.pkl that would run code)
+        # said once the set is written: a split refused afterwards (a bad --tp, -o over an input) is one line
+        note = f"[yellow]note:[/] {escape(why_none)}; the shard set ships without a tokenizer"
+        stderr.print(note, markup=True, soft_wrap=True)
     layout = f"tp {tp}, {dtype or 'source dtype'}" + (", vocab-parallel" if vocab_parallel else "")
     stdout.print(f"{checkpoint} -> {out} ({layout})")
     stdout.print(_files_table(manifest, out))
@@ -106,7 +108,7 @@ def merge(
     from tpshard.files.nanogpt import save_checkpoint
     from tpshard.files.shardset import MANIFEST, ShardSet
 
-    if out.exists() and not force:
+    if os.path.lexists(out) and not force:  # a dangling link or a link loop is a name taken too
         raise TpshardError(f"{out}: already exists; choose another output or pass --force to replace it")
     if out.is_dir() and format is not MergeFormat.hf:
         raise TpshardError(f"{out}: is a directory, expected a file name for the merged checkpoint")

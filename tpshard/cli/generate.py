@@ -53,10 +53,16 @@ def generate(
     prompt: str | None = typer.Option(None, help='Text to continue. \\[default: "\\n", as nanoGPT]'),
     prompt_file: Path | None = typer.Option(None, help="Read the prompt from this UTF-8 file."),
     max_new_tokens: int = typer.Option(500, min=1, help="Tokens to generate per sample."),
-    temperature: float = typer.Option(0.8, help="Below 1: more likely tokens; above 1: more varied ones."),
+    temperature: float = typer.Option(
+        0.8,
+        help="Below 1: more likely tokens; above 1: more varied ones. Finite and above 0; one so small that "
+        "logits / temperature overflows float32 (such as 1e-40) takes the most likely token, as --greedy does.",
+    ),
     top_k: int = typer.Option(200, min=0, help="Sample among the k most likely tokens; 0: among all."),
     greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely token (deterministic)."),
-    seed: int = typer.Option(1337, help="Seed of the sampling RNG: same seed, same text, in every mode."),
+    seed: int = typer.Option(
+        1337, help="Seed of the sampling RNG, 0 to 2**64-1: same seed, same text, in every mode."
+    ),
     num_samples: int = typer.Option(1, min=1, help="Samples, one after another from one RNG stream."),
     device: str = typer.Option(
         "cpu", help="cpu, cuda or cuda:N. Distributed: cpu (gloo) or cuda (NCCL, rank r on cuda:LOCAL_RANK)."
@@ -100,9 +106,15 @@ def generate(
     from tpshard.runtime.programs import Request, generate_on_rank, generate_samples
     from tpshard.tokenizer import find_tokenizer
 
+    sampling = Sampling(temperature=temperature, top_k=top_k or None, greedy=greedy, seed=seed)
+    sampling.check()  # every option is checked before anything is read
+    if nproc is not None and nproc < 1:
+        raise TpshardError(f"--nproc {nproc}: must be at least 1")
+    if mode is Mode.distributed:
+        _check_distributed_device(device)
+    else:
+        where = _local_device(device)
     text = _prompt_text(prompt, prompt_file)
-    if temperature <= 0 and not greedy:
-        raise TpshardError(f"--temperature {temperature}: must be above 0; for the most likely token use --greedy")
     opened = open_model_source(source)
     shards = opened if isinstance(opened, ShardSet) else None
     mode = mode or (Mode.simulated if shards else Mode.dense)
@@ -117,7 +129,7 @@ def generate(
         raise TpshardError("the prompt is empty; give at least one character (--prompt or --prompt-file)")
     request = Request(
         prompt=ids,
-        sampling=Sampling(temperature=temperature, top_k=top_k or None, greedy=greedy, seed=seed),
+        sampling=sampling,
         max_new_tokens=max_new_tokens,
         num_samples=num_samples,
         dtype=DTYPES[dtype.value] if dtype else None,
@@ -127,7 +139,6 @@ def generate(
         assert shards is not None
         launch.run(generate_on_rank, (shards, request, TerminalSink(tok)), nproc=shards.tp_size, device=device)
         return
-    where = _local_device(device)
     if mode is Mode.dense:
         model = dense_model(opened, device=where, dtype=request.dtype)
         label = "dense"
@@ -173,18 +184,28 @@ def _check_layout(source: Path, mode: Mode, shards: "ShardSet | None", nproc: in
 
 
 def _local_device(device: str) -> "torch.device":
+    """A dense or simulated run's device, checked against the devices torch sees before anything is read."""
     import torch
 
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
+    if match is None:
         raise TpshardError(f"--device {device}: expected cpu, cuda or cuda:N")
-    where = torch.device(device)
-    if where.type == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise TpshardError(f"--device {device}: no CUDA device available to torch; use --device cpu")
-        if (where.index or 0) >= count:
-            raise TpshardError(f"--device {device}: only {count} CUDA device(s): cuda:0..cuda:{count - 1}")
-    return where
+    if device == "cpu":
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise TpshardError(f"--device {device}: no CUDA device available to torch; use --device cpu")
+    index = int(match.group(1) or 0)  # checked before torch parses it: cuda:99999999999999999999 is no int64
+    if index >= count:
+        raise TpshardError(f"--device {device}: only {count} CUDA device(s): cuda:0..cuda:{count - 1}")
+    return torch.device("cuda", index)
+
+
+def _check_distributed_device(device: str) -> None:
+    """A distributed run's device: every rank takes cuda:LOCAL_RANK, so no index. Whether there are
+    enough devices for the ranks is checked by the launcher, which knows how many ranks."""
+    if device not in ("cpu", "cuda"):
+        raise TpshardError(f"--device {device}: distributed runs take cpu or cuda (each rank uses cuda:LOCAL_RANK)")
 
 
 class TerminalSink:

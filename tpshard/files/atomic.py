@@ -2,10 +2,12 @@
 run leaves at most a locked temporary that a later run removes, and no output replaces an input."""
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -49,10 +51,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def atomic_directory(out_dir: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary directory beside out_dir; rename it to out_dir only when the body succeeds."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
+    if os.path.lexists(out_dir) and not force:  # lexists: a dangling link or a link loop is a name taken too
         raise TpshardError(f"{out_dir}: already exists; choose another output or pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TpshardError(f"{out_dir}: exists and is not a directory")
+    if os.path.lexists(out_dir) and not out_dir.is_dir():
+        raise TpshardError(f"{out_dir}: exists and is not a directory{_link_note(out_dir)}")
     parent = out_dir.parent
     if not parent.is_dir():
         raise TpshardError(f"{parent}: output's parent directory does not exist")
@@ -84,12 +86,50 @@ def atomic_directory(out_dir: Path, force: bool) -> Iterator[Path]:
 
 
 def refuse_output_over_inputs(out: Path, inputs: list[Path]) -> None:
-    """--force replaces OUT whole: refuse when OUT is one of the inputs, or a directory that holds one."""
-    target = Path(out).resolve()
+    """--force replaces OUT whole: refuse when OUT is one of the inputs, or a directory that holds one,
+    symbolic links followed on both sides (a link loop is left as it is: it leads to no input)."""
+    target = real_path(out)
     for path in inputs:
-        resolved = Path(path).resolve()
+        resolved = real_path(path)
         if resolved == target or target in resolved.parents:
             raise TpshardError(f"{out}: is or holds the input {path}; write the output elsewhere")
+
+
+def real_path(path: Path) -> Path:
+    """path with every symbolic link followed, as far as they lead. Path.resolve raises RuntimeError on a
+    link loop (before Python 3.13); os.path.realpath stops there instead."""
+    try:
+        return Path(os.path.realpath(path))
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+        raise TpshardError(f"{path}: cannot resolve the path ({getattr(e, 'strerror', None) or e})") from None
+
+
+def _link_note(path: Path) -> str:
+    if not path.is_symlink():
+        return ""
+    _, problem = file_status(path)
+    return f" ({problem})" if problem and problem.startswith("a symbolic link") else " (a symbolic link)"
+
+
+def file_status(path: Path) -> tuple[int | None, str | None]:
+    """(size, None) for a regular file (links followed), else (None, what it is instead, worded to follow
+    "is"): missing, a symbolic link loop, a directory, ... . Path.is_file() answers False for all of them,
+    and a link loop then reads as "missing"."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None, "a symbolic link to nothing" if path.is_symlink() else "missing"
+    except NotADirectoryError:
+        return None, "missing"
+    except OSError as e:
+        return None, "a symbolic link loop" if e.errno == errno.ELOOP else f"unreadable ({e.strerror})"
+    except ValueError:  # a NUL in the name
+        return None, "missing"
+    if stat.S_ISDIR(st.st_mode):
+        return None, "a directory"
+    if not stat.S_ISREG(st.st_mode):
+        return None, "not a regular file"
+    return st.st_size, None
 
 
 def under_umask(mode: int) -> int:

@@ -98,12 +98,27 @@ def clean_state_dict(raw: dict, config: GPTConfig, path: Path) -> dict[str, torc
                 "tensor (float32, float16, bfloat16 or float64)"
             )
         _check_stored(state[name], name, path)
+    _check_one_dtype(state, expected, path)
     for tied, source in TIED.items():
         shared = state[tied].data_ptr() == state[source].data_ptr() and state[tied].stride() == state[source].stride()
         if not shared and not torch.equal(state[tied], state[source]):
             raise TpshardError(f"{path}: {tied} differs from {source}; tpshard expects them tied as in nanoGPT")
         state[tied] = state[source]
     return state
+
+
+def _check_one_dtype(state: dict[str, torch.Tensor], names: dict, path: Path) -> None:
+    """One dtype throughout, as nanoGPT saves (float32, whatever the training precision): a shard set
+    records one dtype, and a model runs in one. Casting the odd tensors would change the weights silently."""
+    first = next(iter(names))
+    other = next((n for n in names if state[n].dtype != state[first].dtype), None)
+    if other is not None:
+        dtypes = sorted({DTYPE_NAMES[state[n].dtype] for n in names})
+        raise TpshardError(
+            f"{path}: mixed dtypes ({', '.join(dtypes)}): {first} is {DTYPE_NAMES[state[first].dtype]} but "
+            f"{other} is {DTYPE_NAMES[state[other].dtype]}; tpshard expects one dtype throughout (re-save the "
+            "model in one dtype, e.g. after model.float())"
+        )
 
 
 def _check_stored(tensor: torch.Tensor, name: str, path: Path) -> None:
@@ -161,12 +176,27 @@ def plain_config(config: object, path: Path) -> dict:
         if isinstance(value, dict):
             if not all(isinstance(k, str) for k in value):
                 raise TpshardError(f"{path}: 'config' has a key that is not a string")
+            if not all(map(is_text, value)):
+                raise TpshardError(f"{path}: 'config' has a key with a lone surrogate, not text")
             todo.extend(value.values())
         elif isinstance(value, list | tuple):
             todo.extend(value)
-        elif not (value is None or isinstance(value, str | int | float)):
+        elif isinstance(value, str):
+            if not is_text(value):  # the manifest keeps the config as JSON text, which cannot hold it
+                raise TpshardError(f"{path}: 'config' holds a string with a lone surrogate, not text: {value[:60]!r}")
+        elif not (value is None or isinstance(value, int | float)):
             raise TpshardError(f"{path}: 'config' holds a {type(value).__name__}; expected plain values")
     return config
+
+
+def is_text(value: str) -> bool:
+    """Whether value can be written as UTF-8: a lone surrogate (from JSON's "\\ud800", a pickle, a file name
+    that is not UTF-8) cannot."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def model_args(config: GPTConfig) -> dict:

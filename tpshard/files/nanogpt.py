@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tpshard.errors import TpshardError, first_line
-from tpshard.files.atomic import atomic_write
+from tpshard.files.atomic import atomic_write, file_status
 from tpshard.files.checkpoint import Checkpoint, clean_state_dict, config_from_model_args, model_args, training_record
 from tpshard.parallel.plan import TIED
 
@@ -21,7 +21,8 @@ def read_checkpoint_file(path: Path) -> dict:
     """torch.load, weights only and memory-mapped, with every failure turned into one clear line."""
     path = Path(path)
     if not path.exists():
-        raise TpshardError(f"{path}: no such file")
+        _, problem = file_status(path)  # a link loop or a link to nothing, rather than "no such file"
+        raise TpshardError(f"{path}: {'no such file' if problem in (None, 'missing') else 'is ' + problem}")
     if path.is_dir():
         raise TpshardError(f"{path}: is a directory, expected a checkpoint file (ckpt.pt)")
     if path.stat().st_size == 0:

@@ -33,7 +33,7 @@ def kind_of(path: Path) -> Kind:
     if path.is_dir():
         if is_hf_directory(path):
             return Kind.HF_DIRECTORY
-        if (path / MANIFEST).is_file():
+        if (path / MANIFEST).is_file() or (path / MANIFEST).is_symlink():  # a broken link: ShardSet.open says so
             return Kind.SHARD_SET
         return Kind.NANOGPT_OUT_DIR if (path / NANOGPT_FILE).is_file() else Kind.OTHER_DIRECTORY
     if path.suffix == ".safetensors" and path.is_file():

@@ -7,7 +7,10 @@ any of it is trusted, and written all or nothing.
                                   shards came from
       rank0-of-2.safetensors      rank 0's pieces; its own metadata says rank, tp size, format version
       rank1-of-2.safetensors
-      meta.pkl | *.tiktoken       the tokenizer, so that a shard set is self-contained
+      meta.pkl | tokenizer.tiktoken   the tokenizer, so that a shard set is self-contained: always under
+                                  one of these two names, whatever the file was called (a char vocabulary
+                                  as nanoGPT's sample.py names it, a BPE ranks file), and found through
+                                  the manifest's "tokenizer"
 
 Format versions (see the README): version 1 is every set this tpshard writes. The grid ("grid", and
 each file's "stage" and "tp_rank") was added to version 1 as fields that earlier readers ignore; a
@@ -25,8 +28,8 @@ import torch
 
 from tpshard.config import GPTConfig
 from tpshard.errors import TpshardError
-from tpshard.files.atomic import atomic_directory
-from tpshard.files.checkpoint import MIN_TENSORS_PER_LAYER, config_from_model_args, training_record
+from tpshard.files.atomic import atomic_directory, file_status
+from tpshard.files.checkpoint import MIN_TENSORS_PER_LAYER, config_from_model_args, is_text, training_record
 from tpshard.files.tensorfile import (
     DTYPE_NAMES,
     DTYPES,
@@ -45,6 +48,11 @@ FORMAT = "tpshard"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20  # a 1000-layer model's manifest is about 1 MB
+# The names a shipped tokenizer gets (never the user's: a tokenizer called rank0-of-2.safetensors or
+# manifest.json would overwrite a file of the set, and one called chars.pkl would not be found again).
+CHAR_TOKENIZER = "meta.pkl"  # nanoGPT's char vocabulary, named as sample.py looks for it
+BPE_TOKENIZER = "tokenizer.tiktoken"  # a tiktoken ranks file
+SHIPPED_TOKENIZERS = (CHAR_TOKENIZER, BPE_TOKENIZER)
 
 
 def rank_file_name(rank: int, tp_size: int) -> str:
@@ -121,11 +129,15 @@ def write_shard_set(
     *,
     force: bool = False,
     tokenizer_file: Path | None = None,
+    tokenizer_name: str | None = None,
     progress: Progress | None = None,
 ) -> Manifest:
     """Write every rank's file from piece(name, rank), then the manifest, atomically.
-    describe_source runs last, so that hashing the source can overlap the writing."""
+    describe_source runs last, so that hashing the source can overlap the writing. tokenizer_file is
+    copied in as tokenizer_name, one of SHIPPED_TOKENIZERS (the caller knows which kind it is)."""
     manifest.grid.check(manifest.config)
+    if tokenizer_file is not None and tokenizer_name not in SHIPPED_TOKENIZERS:
+        raise ValueError(f"a shipped tokenizer is named one of {SHIPPED_TOKENIZERS}, not {tokenizer_name!r}")
     with atomic_directory(out_dir, force) as tmp:
         manifest.files = []
         for rank in range(manifest.grid.world_size):
@@ -144,9 +156,11 @@ def write_shard_set(
                 {"rank": rank, "stage": stage, "tp_rank": tp_rank, "file": name, "bytes": size, "sha256": digest}
             )
         manifest.source = describe_source()
+        manifest.tokenizer = None
         if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / tokenizer_file.name)
-            manifest.tokenizer = tokenizer_file.name
+            assert tokenizer_name is not None
+            shutil.copyfile(tokenizer_file, tmp / tokenizer_name)
+            manifest.tokenizer = tokenizer_name
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest
 
@@ -161,8 +175,40 @@ def _require(cond: bool, where: Path, what: str) -> None:
 
 
 def _plain_name(name: object) -> bool:
-    """A file name in the shard directory itself: no path, no '..'."""
-    return isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
+    """A file name in the shard directory itself: no path, no '..', no NUL."""
+    return isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..") and "\0" not in name
+
+
+def _check_text(data: object, where: Path) -> None:
+    """Every string of the manifest (keys included) is text: JSON's "\\ud800" escapes decode to lone
+    surrogates, which no file name, terminal or UTF-8 file can hold (they fail later, as tracebacks)."""
+    try:  # at C speed; the walk below only to name the value
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        return
+    except (UnicodeEncodeError, RecursionError):
+        pass
+    todo: list[tuple[object, str]] = [(data, "")]
+    while todo:
+        value, at = todo.pop()
+        if isinstance(value, str):
+            _require(is_text(value), where, f"{at or 'a value'} holds a lone surrogate, not text: {value!r}")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _require(is_text(key), where, f"a key in {at or 'the manifest'} holds a lone surrogate: {key!r}")
+                todo.append((item, f"{at}.{key}" if at else key))
+        elif isinstance(value, list):
+            todo.extend((item, f"{at}[{i}]") for i, item in enumerate(value))
+
+
+# where split and reshard record them (merge reads the training record back through training_record)
+SOURCE_FIELDS = {"file": str, "sha256": str, "source_dtype": str, "optimizer_left_out": bool, "resharded_from_tp": int}
+
+
+def _check_source(source: dict, where: Path) -> None:
+    for key, kind in SOURCE_FIELDS.items():
+        value = source.get(key)
+        ok = value is None or (isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
+        _require(ok, where, f"source {key} {value!r} is not a {kind.__name__}")
 
 
 def _is_int(value: object) -> bool:
@@ -218,9 +264,12 @@ def parse_manifest(data: object, where: Path) -> Manifest:
     _require(len(set(names)) == len(names), where, "a file is listed for two ranks")
     tokenizer = data.get("tokenizer")
     _require(tokenizer is None or _plain_name(tokenizer), where, f"tokenizer {tokenizer!r}")
+    _require(tokenizer not in (*names, MANIFEST), where, f"tokenizer {tokenizer!r} is named like a file of the set")
     source = data.get("source", {})
     _require(isinstance(source, dict), where, "source is not an object")
+    _check_source(source, where)
     training_record(source, where)  # what merge writes back into the checkpoint: the same checks as a ckpt.pt's
+    _check_text(data, where)  # last: its size is bounded by the checks above (one entry per rank, ...)
     return Manifest(grid, config, DTYPES[data["dtype"]], expected, files, source, tokenizer, version, vocab_parallel)
 
 
@@ -232,7 +281,7 @@ def _check_file_entry(entry: object, rank: int, grid: ParallelDims, where: Path)
     position = entry.get("stage", stage), entry.get("tp_rank", tp_rank)  # absent: written before grids
     _require(position == (stage, tp_rank), where, f"files[{rank}] at (stage, tp rank) {position!r}")
     name = entry.get("file")
-    _require(_plain_name(name), where, f"files[{rank}] name {name!r}")
+    _require(_plain_name(name) and name != MANIFEST, where, f"files[{rank}] name {name!r}")
     size, digest = entry.get("bytes"), entry.get("sha256")
     _require(_is_int(size) and size > 8, where, f"files[{rank}] bytes {size!r}")
     _require(isinstance(digest, str) and len(digest) == 64, where, f"files[{rank}] sha256 {digest!r}")
@@ -251,10 +300,14 @@ class ShardSet:
         if not directory.is_dir():
             raise TpshardError(f"{directory}: is a file, expected a shard directory (the output of tpshard split)")
         path = directory / MANIFEST
-        if not path.is_file():
+        size, problem = file_status(path)
+        if problem in ("missing", "a directory"):
             raise TpshardError(f"{directory}: no {MANIFEST}; is this the output of tpshard split?")
-        if path.stat().st_size > MAX_MANIFEST_BYTES:  # read whole, so bounded first
-            raise TpshardError(f"{path}: {path.stat().st_size:,} bytes, too large for a manifest; it is damaged")
+        if problem:
+            raise TpshardError(f"{path}: the manifest is {problem}")
+        assert size is not None
+        if size > MAX_MANIFEST_BYTES:  # read whole, so bounded first
+            raise TpshardError(f"{path}: {size:,} bytes, too large for a manifest; it is damaged")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
@@ -278,15 +331,18 @@ class ShardSet:
         """Raise TpshardError unless rank's file is present, of its recorded size (and sha256), and its
         safetensors header holds exactly the expected tensors and says it is this rank of this set."""
         entry, path = self.manifest.files[rank], self.rank_path(rank)
-        if not path.is_file():
-            raise TpshardError(f"{path}: rank {rank}'s shard file is missing")
-        size = path.stat().st_size
+        size, problem = file_status(path)
+        if problem:
+            raise TpshardError(f"{path}: rank {rank}'s shard file is {problem}")
         if size != entry["bytes"]:
             raise TpshardError(f"{path}: {size} bytes, the manifest records {entry['bytes']} (truncated or replaced)")
-        if checksum and sha256_file(path, progress) != entry["sha256"]:
-            raise TpshardError(f"{path}: sha256 differs from the manifest: the file is corrupt or was modified")
-        with open_safetensors(path) as f:
-            self._check_header(f, path, rank)
+        try:
+            if checksum and sha256_file(path, progress) != entry["sha256"]:
+                raise TpshardError(f"{path}: sha256 differs from the manifest: the file is corrupt or was modified")
+            with open_safetensors(path) as f:
+                self._check_header(f, path, rank)
+        except OSError as e:
+            raise TpshardError(f"{path}: cannot read rank {rank}'s shard file ({e.strerror})") from None
 
     def _check_header(self, f, path: Path, rank: int) -> None:
         meta = f.metadata() or {}

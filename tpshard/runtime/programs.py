@@ -67,6 +67,7 @@ def generate_samples(model: GPT, request: Request, label: str, sink: GenerationS
     """request.num_samples samples, one after another from one RNG stream. Every rank of a
     distributed run calls it in lockstep; rank 0 alone tells the sink."""
     speaks = model.comm.rank == 0
+    check_finite(model, request.dtype)
     runner = Runner(model, request.sampling)
     weight = model.lm_head.weight
     if speaks:
@@ -81,6 +82,25 @@ def generate_samples(model: GPT, request: Request, label: str, sink: GenerationS
     if speaks:
         sink.finished(stats)
     return stats
+
+
+def check_finite(model: GPT, cast: torch.dtype | None = None) -> None:
+    """Refuse a model whose weights hold NaN or inf (a diverged run, a damaged file, or a cast to a
+    dtype too narrow for them): it would print garbage, or crash in the middle of sampling. Names
+    the first such tensor. cast: the dtype the weights were cast to, if any."""
+    for name, param in model.named_parameters():
+        bad = ~torch.isfinite(param)
+        if bad.any():
+            nan = int(torch.isnan(param).sum())
+            what = ", ".join(
+                f"{n:,} {kind}" for n, kind in ((nan, "NaN"), (int(bad.sum()) - nan, "infinite")) if n
+            )
+            dtype = str(param.dtype).removeprefix("torch.")
+            if cast is None or nan:  # a cast makes inf of what it cannot hold, never NaN
+                why = "the model cannot generate: a diverged training run, or a damaged file?"
+            else:
+                why = f"the model cannot generate: is --dtype {dtype} too narrow for its weights?"
+            raise TpshardError(f"{name}: {what} of its {param.numel():,} values in {dtype}; {why}")
 
 
 def generate_on_rank(group: Group, shards: ShardSet, request: Request, sink: GenerationSink) -> None:

@@ -6,10 +6,12 @@ from pathlib import Path
 import torch
 
 from tpshard.errors import TpshardError
+from tpshard.files.atomic import file_status
 from tpshard.files.checkpoint import Checkpoint
 from tpshard.files.shardset import ShardSet
 from tpshard.files.tensorfile import DTYPE_NAMES, data_offsets, open_safetensors, sha256_file
 from tpshard.parallel import plan
+from tpshard.tokenizer import load_tokenizer_file
 from tpshard.verify.report import FileCheck, Integrity, MergeCheck
 
 
@@ -25,14 +27,37 @@ def check_integrity(shards: ShardSet, reference: Checkpoint | None, against: str
     problems = [f"{c.file}: {c.problem}" + _damage_note(c) for c in files if c.status != "ok"]
     if merge is not None and merge.problem:
         problems.append(f"merge vs {Path(merge.against).name}: {merge.problem}")
+    tokenizer = _check_tokenizer(shards)
+    if tokenizer not in (None, "ok"):
+        problems.append(f"{shards.manifest.tokenizer}: {tokenizer}")
     return Integrity(
         passed=not problems,
         manifest_ok=True,
         format_version=shards.manifest.format_version,
         files=files,
         merge=merge,
+        tokenizer=shards.manifest.tokenizer,
+        tokenizer_status=tokenizer,
         problems=problems,
     )
+
+
+def _check_tokenizer(shards: ShardSet) -> str | None:
+    """"ok" when the tokenizer the manifest names is there and loads (a meta.pkl through the unpickler
+    that refuses every global), else what is wrong; None when the set ships none."""
+    path = shards.tokenizer_path
+    if path is None:
+        return None
+    _, problem = file_status(path)
+    if problem:
+        return f"the shard set's tokenizer (named in the manifest) is {problem}"
+    try:
+        tokenizer = load_tokenizer_file(path)
+    except TpshardError as e:
+        return str(e).removeprefix(f"{path}: ")
+    if tokenizer.vocab_size > shards.manifest.config.vocab_size:
+        return f"{tokenizer.vocab_size} tokens, more than the model's vocab_size {shards.manifest.config.vocab_size}"
+    return "ok"
 
 
 def _damage_note(check: FileCheck) -> str:
@@ -44,10 +69,14 @@ def _damage_note(check: FileCheck) -> str:
 def _check_file(shards: ShardSet, rank: int) -> FileCheck:
     entry, path = shards.manifest.files[rank], shards.rank_path(rank)
     check = FileCheck(rank=rank, file=entry["file"], status="ok", expected_bytes=entry["bytes"])
-    if not path.is_file():
+    size, problem = file_status(path)
+    if problem == "missing":
         check.status, check.problem = "missing", "the file is missing"
         return check
-    check.bytes = path.stat().st_size
+    if problem:  # a link loop, a directory, ...: no file to read
+        check.status, check.problem = "unreadable", f"the file is {problem}"
+        return check
+    check.bytes = size
     check.holds_rank = _holds_rank(path)
     try:  # size, safetensors header, tensor names, shapes and dtypes, rank / tp metadata
         shards.check_file(rank, checksum=False)
@@ -60,7 +89,11 @@ def _check_file(shards: ShardSet, rank: int) -> FileCheck:
         else:
             check.status = "bad header"
     if check.bytes == check.expected_bytes:
-        check.sha256_matches = sha256_file(path) == entry["sha256"]
+        try:
+            check.sha256_matches = sha256_file(path) == entry["sha256"]
+        except OSError as e:
+            check.status, check.problem = "unreadable", f"cannot read the file ({e.strerror})"
+            return check
         if not check.sha256_matches and check.status == "ok":
             check.status, check.problem = "corrupt", "sha256 differs from the manifest's"
     return check
@@ -70,7 +103,7 @@ def _holds_rank(path: Path) -> int | None:
     try:
         with open_safetensors(path) as f:
             return int((f.metadata() or {})["rank"])
-    except (TpshardError, KeyError, ValueError):
+    except (TpshardError, KeyError, ValueError, OSError):
         return None
 
 

@@ -1,10 +1,16 @@
-"""verify's second part: dense against sharded, number by number, in float64."""
+"""verify's second part: dense against sharded, number by number, in float64.
+
+A NaN or an infinity on either side is a failure of its own, named with its side, count and first
+position. `diff > tol` is False for a NaN and a maximum over NaNs is NaN, which once let a model of NaN
+weights pass: here a logit is within tolerance only when both sides are finite, and the figures (max
+abs diff, KL, agreement) are taken over the positions finite on both sides, which the report counts.
+"""
 
 import torch
 from torch.nn import functional as F
 
 from tpshard.runtime.programs import Trace
-from tpshard.verify.report import Greedy, LayerError, Numerics
+from tpshard.verify.report import Greedy, LayerError, NonFinite, Numerics
 
 EXACT_GREEDY = (torch.float32, torch.float64)  # half precision: a greedy split at a near tie is allowed
 
@@ -16,21 +22,28 @@ def compare(
     atol, rtol, source = tolerance
     result = Numerics(passed=False, atol=atol, rtol=rtol, tolerance_source=source)
     result.layers = _layer_errors(dense, sharded)
-    d = torch.cat([t.logits.double().flatten(0, 1) for t in dense])  # [positions, V]
-    s = torch.cat([t.logits.double().flatten(0, 1) for t in sharded])
+    d_all = torch.cat([t.logits.double().flatten(0, 1) for t in dense])  # [positions, V]
+    s_all = torch.cat([t.logits.double().flatten(0, 1) for t in sharded])
+    result.positions, result.logits_total = d_all.size(0), d_all.numel()
+    result.dense_nonfinite = _nonfinite(d_all, dense)
+    result.sharded_nonfinite = _nonfinite(s_all, sharded)
+    both = d_all.isfinite() & s_all.isfinite()
+    within = ((s_all - d_all).abs() <= atol + rtol * d_all.abs()) & both  # NaN and infinities: outside
+    result.logits_outside = int((~within).sum())
+    rows = both.all(-1)  # the positions whose logits are finite on both sides: what the figures are over
+    result.finite_positions = int(rows.sum())
+    d, s = d_all[rows], s_all[rows]
     diff = (s - d).abs()
-    result.positions, result.logits_total = d.size(0), d.numel()
-    result.logits_max_abs = float(diff.max())
-    result.logits_max_rel = float(diff.max() / d.abs().max().clamp_min(torch.finfo(torch.float64).tiny))
-    result.logits_outside = int((diff > atol + rtol * d.abs()).sum())
+    result.logits_max_abs = _max(diff)
+    result.logits_max_rel = result.logits_max_abs / max(_max(d.abs()), torch.finfo(torch.float64).tiny)
     log_d, log_s = F.log_softmax(d, -1), F.log_softmax(s, -1)
     kl = (log_d.exp() * (log_d - log_s)).sum(-1)
-    result.kl_mean, result.kl_max = float(kl.mean()), float(kl.max())
+    result.kl_mean, result.kl_max = _mean(kl), _max(kl)
     top1_same = d.argmax(-1) == s.argmax(-1)
-    result.top1_agreement = float(top1_same.double().mean())
+    result.top1_agreement = _mean(top1_same)
     k = min(5, d.size(-1))
     top5_d, top5_s = d.topk(k).indices.sort(-1).values, s.topk(k).indices.sort(-1).values
-    result.top5_agreement = float((top5_d == top5_s).all(-1).double().mean())
+    result.top5_agreement = _mean((top5_d == top5_s).all(-1))
     decisive = _decisive(d.topk(min(2, d.size(-1))).values, atol, rtol)
     result.decisive_positions = int(decisive.sum())
     result.decisive_disagreements = int((decisive & ~top1_same).sum())
@@ -38,6 +51,40 @@ def compare(
     result.problems = _numeric_problems(result)
     result.passed = not result.problems
     return result
+
+
+def _max(values: torch.Tensor) -> float:
+    return float(values.max()) if values.numel() else 0.0
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.double().mean()) if values.numel() else 0.0
+
+
+def _nonfinite(logits: torch.Tensor, traces: list[Trace]) -> NonFinite | None:
+    """The NaN and infinite logits of one side [positions, V], and the first position holding one as
+    (sequence, token); None when every logit is finite."""
+    bad = ~logits.isfinite()
+    count = int(bad.sum())
+    if not count:
+        return None
+    at = bad.any(-1)
+    position = int(at.nonzero()[0])
+    sequence, token = 0, position
+    for t in traces:  # the positions run over each batch's [B, T], batch after batch
+        rows, length = t.logits.shape[:2]
+        if token < rows * length:
+            sequence, token = sequence + token // length, token % length
+            break
+        token -= rows * length
+        sequence += rows
+    return NonFinite(
+        values=count,
+        nan=int(logits.isnan().sum()),
+        positions=int(at.sum()),
+        first_sequence=sequence,
+        first_token=token,
+    )
 
 
 def _decisive(top2: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
@@ -52,9 +99,13 @@ def _layer_errors(dense: list[Trace], sharded: list[Trace]) -> list[LayerError]:
     layers = []
     for i in range(len(dense[0].hidden)):
         d = torch.cat([t.hidden[i].double().flatten() for t in dense])
-        diff = (torch.cat([t.hidden[i].double().flatten() for t in sharded]) - d).abs()
+        s = torch.cat([t.hidden[i].double().flatten() for t in sharded])
+        both = d.isfinite() & s.isfinite()  # the figures over the values finite on both sides, as for logits
+        diff = (s[both] - d[both]).abs()
         name = "embedding" if i == 0 else f"block {i - 1}"
-        layers.append(LayerError(name, float(diff.max()), float(diff.mean()), float(d.abs().max())))
+        layer = LayerError(name, _max(diff), _mean(diff), _max(d[both].abs()))
+        layer.dense_nonfinite, layer.sharded_nonfinite = int((~d.isfinite()).sum()), int((~s.isfinite()).sum())
+        layers.append(layer)
     return layers
 
 
@@ -92,10 +143,26 @@ def _compare_greedy(
 
 def _numeric_problems(r: Numerics) -> list[str]:
     problems = []
+    for side, bad in (("dense", r.dense_nonfinite), ("sharded", r.sharded_nonfinite)):
+        if bad is not None:
+            problems.append(
+                f"{side} logits not finite: {bad.values:,} of {r.logits_total:,} ({bad.nan:,} NaN, "
+                f"{bad.values - bad.nan:,} infinite) at {bad.positions} of {r.positions} positions, first at "
+                f"sequence {bad.first_sequence} token {bad.first_token}"
+            )
+    first = next((layer for layer in r.layers if layer.dense_nonfinite or layer.sharded_nonfinite), None)
+    if first is not None:
+        problems.append(
+            f"residual stream not finite from {first.name} on (there: dense {first.dense_nonfinite:,}, sharded "
+            f"{first.sharded_nonfinite:,} values NaN or infinite)"
+        )
     if r.logits_outside:
+        over = "" if r.finite_positions == r.positions else f" over the {r.finite_positions} finite positions"
+        if not r.finite_positions:
+            over = ", no position finite on both sides"
         problems.append(
             f"{r.logits_outside:,} of {r.logits_total:,} logits outside atol {r.atol:g} + rtol {r.rtol:g}·|dense| "
-            f"(max abs diff {r.logits_max_abs:.3g})"
+            f"(max abs diff {r.logits_max_abs:.3g}{over})"
         )
     if r.decisive_disagreements:
         problems.append(

@@ -1,5 +1,6 @@
 """The verify report: facts and verdicts as dataclasses of plain values, and its JSON form."""
 
+import math
 from dataclasses import asdict, dataclass, field
 
 SCHEMA_VERSION = 1
@@ -33,7 +34,8 @@ class Compared:
 class FileCheck:
     rank: int
     file: str
-    status: str  # ok, missing, wrong size, wrong rank, bad header, corrupt
+    status: str  # ok, missing, unreadable (a link loop, a directory, no permission), wrong size, wrong rank,
+    # bad header, corrupt
     expected_bytes: int
     bytes: int | None = None  # on disk; None when missing
     sha256_matches: bool | None = None  # None: not computed (missing, or of the wrong size)
@@ -65,6 +67,8 @@ class Integrity:
     format_version: int | None = None
     files: list[FileCheck] = field(default_factory=list)
     merge: MergeCheck | None = None
+    tokenizer: str | None = None  # the file the manifest names; None: the set ships none
+    tokenizer_status: str | None = None  # "ok" (present, and loads), or what is wrong with it
     problems: list[str] = field(default_factory=list)
 
 
@@ -74,6 +78,20 @@ class LayerError:
     max_abs: float
     mean_abs: float
     dense_max_abs: float  # the scale of the dense residual stream there
+    # values NaN or infinite on each side (the figures above are over those finite on both)
+    dense_nonfinite: int = 0
+    sharded_nonfinite: int = 0
+
+
+@dataclass
+class NonFinite:
+    """The NaN and infinite logits of one side of the comparison."""
+
+    values: int  # logits NaN or infinite
+    nan: int  # of those, NaN
+    positions: int  # positions (sequence, token) with at least one
+    first_sequence: int  # the first such position
+    first_token: int
 
 
 @dataclass
@@ -96,9 +114,13 @@ class Numerics:
     tolerance_source: str | None = None  # "default for float32", "given"
     layers: list[LayerError] = field(default_factory=list)
     positions: int = 0
+    # NaN or infinite logits: a failure, on whichever side (None: all finite)
+    dense_nonfinite: NonFinite | None = None
+    sharded_nonfinite: NonFinite | None = None
+    finite_positions: int | None = None  # positions finite on both sides: the figures below are over these
     logits_max_abs: float | None = None
     logits_max_rel: float | None = None  # max abs diff / max |dense logit|
-    logits_outside: int | None = None  # elements with |sharded - dense| > atol + rtol * |dense|
+    logits_outside: int | None = None  # elements not within atol + rtol * |dense| (NaN, infinities included)
     logits_total: int | None = None
     kl_mean: float | None = None  # KL(dense || sharded) per position, float64
     kl_max: float | None = None
@@ -136,5 +158,17 @@ class Report:
 
 
 def to_json(report: Report) -> dict:
-    data = asdict(report)
+    """The report as JSON data; a NaN or infinite figure (a greedy gap on NaN logits) as null, since JSON
+    has no such numbers (json.dumps would write NaN, which strict parsers refuse)."""
+    data = _finite(asdict(report))
     return {"schema_version": data.pop("schema_version"), "passed": data.pop("passed"), **data}
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

@@ -1,5 +1,6 @@
 """The entry point of verify: options checked, inputs drawn, the three parts run in order."""
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import asdict
@@ -8,9 +9,11 @@ from pathlib import Path
 import torch
 
 from tpshard.errors import TpshardError
+from tpshard.files.atomic import refuse_output_over_inputs
 from tpshard.files.paths import Kind, kind_of, load_checkpoint
 from tpshard.files.shardset import MANIFEST, ShardSet
 from tpshard.files.tensorfile import DTYPE_NAMES
+from tpshard.generation import check_seed
 from tpshard.runtime.models import dense_model
 from tpshard.runtime.programs import sharded_traces, trace
 from tpshard.verify.communication import count_communication
@@ -20,6 +23,9 @@ from tpshard.verify.report import Communication, Compared, Inputs, Integrity, Nu
 
 MODES = ("simulated", "distributed")
 DEFAULT_BATCH = 4
+# Random sequences in one batch: the dense and the sharded traces each hold B x T x (vocab_size + (n_layer +
+# 1) x n_embd) floats (GPT-2 at B 64, T 64: 0.9 GB of logits each), so a fixed bound, checked first.
+MAX_BATCH = 64
 DEFAULT_NEW_TOKENS = 32
 MAX_RANDOM_TOKENS = 64
 
@@ -63,6 +69,7 @@ def verify_shards(
     if mode not in MODES:
         raise TpshardError(f"--mode {mode}: expected one of {', '.join(MODES)}")
     _check_options(prompts, random_tokens, batch, new_tokens, atol, rtol)
+    check_seed(seed)
     shards, manifest_problem = _open(Path(shards_dir))
     reference = load_checkpoint(against) if against is not None else None
     compared = Compared(
@@ -108,8 +115,8 @@ def _check_options(
         raise TpshardError("--prompt and --random-tokens both given; choose one")
     if prompts and batch is not None:
         raise TpshardError("--batch sets the number of random sequences; with --prompt, give one --prompt per sequence")
-    if batch is not None and batch < 1:
-        raise TpshardError(f"--batch {batch}: must be at least 1")
+    if batch is not None and not 1 <= batch <= MAX_BATCH:
+        raise TpshardError(f"--batch {batch}: must be between 1 and {MAX_BATCH}")
     if random_tokens is not None and random_tokens < 1:
         raise TpshardError(f"--random-tokens {random_tokens}: must be at least 1")
     if new_tokens < 0:
@@ -117,6 +124,31 @@ def _check_options(
     for name, value in (("--atol", atol), ("--rtol", rtol)):
         if value is not None and not (value >= 0 and math.isfinite(value)):
             raise TpshardError(f"{name} {value}: must be a finite number, 0 or more")
+
+
+def refuse_report_over_inputs(
+    report: str | Path,
+    shards_dir: str | Path,
+    against: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    option: str = "--html",
+) -> None:
+    """Before verify runs: a report file must not replace anything verify reads (the shard directory
+    and every file in it, --against and, for a directory, its files, --tokenizer), whatever path it
+    is reached by (symlinks resolved); and its directory must exist."""
+    report = Path(report)
+    inputs = [Path(p) for p in (shards_dir, against, tokenizer) if p is not None]
+    for folder in [p for p in inputs if p.is_dir()]:
+        with contextlib.suppress(OSError):  # unreadable: verify itself says so
+            inputs += sorted(folder.iterdir())
+    try:
+        refuse_output_over_inputs(report, inputs)
+    except TpshardError as e:
+        raise TpshardError(f"{option} {e}") from None
+    if report.is_dir():
+        raise TpshardError(f"{option} {report}: is a directory, expected a file name for the report")
+    if not report.parent.is_dir():
+        raise TpshardError(f"{option} {report}: no such directory {report.parent}")
 
 
 def _open(directory: Path) -> tuple[ShardSet | None, str | None]:
@@ -179,6 +211,8 @@ def _inputs(
     its own (prompts differ in length). Greedy decoding starts from a prefix short enough that the
     new tokens fit in block_size, so that every step goes through the KV cache."""
     config = shards.manifest.config
+    if new_tokens > config.block_size:  # each greedy step goes through the KV cache, which holds block_size tokens
+        raise TpshardError(f"--tokens {new_tokens}: more than the model's block_size {config.block_size}")
     if prompts:
         from tpshard.tokenizer import find_tokenizer
 
