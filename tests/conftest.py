@@ -18,11 +18,13 @@ Variants (write_nanogpt_checkpoint's keywords):
 Session-scoped fixtures are shared by every test of the run: read them, never modify them (copy the
 directory first, or use `make_checkpoint`, which writes into the test's own tmp_path).
 
-Also here: `cli`, tpshard's entry point run in-process; `nanogpt`, nanoGPT's own GPT as a reference.
+Also here: `template` and `w`, a split set to copy and damage; `cli`, tpshard's entry point run
+in-process; `nanogpt`, nanoGPT's own GPT as a reference.
 """
 
 import math
 import pickle
+import shutil
 import string
 import sys
 from collections.abc import Callable
@@ -36,7 +38,9 @@ from torch.nn import functional as F
 
 from tpshard.cli.main import main
 from tpshard.config import GPTConfig
+from tpshard.convert import split_checkpoint
 from tpshard.files.checkpoint import model_args
+from tpshard.files.paths import load_checkpoint
 from tpshard.model import GPT
 from tpshard.testing import random_weights
 
@@ -187,6 +191,23 @@ def compiled_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mask_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """bias_ckpt's weights plus nanoGPT's attn.bias causal-mask buffers. Read-only."""
     return write_nanogpt_checkpoint(tmp_path_factory.mktemp("mask"), BIAS_CONFIG, mask_buffers=True)
+
+
+@pytest.fixture(scope="module")
+def template(bias_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bias_ckpt's folder copied, and split 2 ways with its meta.pkl: root/model/, root/shards/. Read-only."""
+    root = tmp_path_factory.mktemp("hardening")
+    shutil.copytree(bias_ckpt.parent, root / "model")
+    ckpt = load_checkpoint(root / "model" / "ckpt.pt")
+    split_checkpoint(ckpt, 2, root / "shards", tokenizer_file=root / "model" / "meta.pkl")
+    return root
+
+
+@pytest.fixture
+def w(template: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the template, for this test to damage (links copied as links)."""
+    shutil.copytree(template, tmp_path / "w", symlinks=True)
+    return tmp_path / "w"
 
 
 @pytest.fixture

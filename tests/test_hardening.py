@@ -148,22 +148,6 @@ def pairs(kind: str, cases: dict) -> list:
 # --- the world each test damages: a checkpoint (with meta.pkl) and its 2-way shard set ----------------------
 
 
-@pytest.fixture(scope="module")
-def template(bias_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("hardening")
-    shutil.copytree(bias_ckpt.parent, root / "model")
-    ckpt = load_checkpoint(root / "model" / "ckpt.pt")
-    split_checkpoint(ckpt, 2, root / "shards", tokenizer_file=root / "model" / "meta.pkl")
-    return root
-
-
-@pytest.fixture
-def w(template: Path, tmp_path: Path) -> Path:
-    """A fresh copy of the template, for this test to damage."""
-    shutil.copytree(template, tmp_path / "w")
-    return tmp_path / "w"
-
-
 def write(path: Path, content: bytes | str) -> Path:
     path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     return path

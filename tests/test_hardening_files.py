@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,6 @@ import torch
 from conftest import BIAS_CONFIG, CHARS, write_nanogpt_checkpoint
 
 from tpshard.config import GPTConfig
-from tpshard.convert import split_checkpoint
 from tpshard.files.paths import load_checkpoint
 from tpshard.files.shardset import MANIFEST, ShardSet
 from tpshard.runtime.programs import Trace
@@ -92,22 +90,6 @@ def generated_with(cli, source: Path, *extra: object) -> str:
 
 
 # --- the world: a checkpoint with its meta.pkl, and its 2-way shard set ------------------------------------
-
-
-@pytest.fixture(scope="module")
-def template(bias_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("hardening_files")
-    shutil.copytree(bias_ckpt.parent, root / "model")
-    ckpt = load_checkpoint(root / "model" / "ckpt.pt")
-    split_checkpoint(ckpt, 2, root / "shards", tokenizer_file=root / "model" / "meta.pkl")
-    return root
-
-
-@pytest.fixture
-def w(template: Path, tmp_path: Path) -> Path:
-    """A fresh copy of the template, for this test to change."""
-    shutil.copytree(template, tmp_path / "w", symlinks=True)
-    return tmp_path / "w"
 
 
 def edit_manifest(shards: Path, change) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BIAS_CONFIG, write_nanogpt_checkpoint
+from test_hardening import one_line
 from typer.testing import CliRunner
 
 from tpshard.cli.app import app
@@ -47,13 +48,6 @@ def snapshot(*roots: Path) -> dict[str, object]:
                 else:
                     tree[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return tree
-
-
-def one_line(code: object, out: str, err: str) -> str:
-    assert code == 2, f"exit {code}\nstdout: {out}\nstderr: {err}"
-    assert out == "", out
-    assert err.startswith("tpshard: error: ") and err.count("\n") == 1 and err.endswith("\n"), err
-    return err
 
 
 def refused(cli, roots: list[Path], *args: object, culprit: str) -> str:
