@@ -16,15 +16,14 @@ stdout, no traceback, the tree under the work directory as before.
 """
 
 import base64
-import hashlib
 import json
-import os
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import BIAS_CONFIG, CHARS, write_nanogpt_checkpoint
+from test_hardening import snapshot
 
 from tpshard.config import GPTConfig
 from tpshard.files.paths import load_checkpoint
@@ -39,22 +38,6 @@ GENERATE = ("--max-new-tokens", 2, "--greedy", "--prompt", "ab")
 BPE_CONFIG = GPTConfig(block_size=16, vocab_size=260, n_layer=1, n_head=2, n_embd=16, bias=True)
 
 # --- the contract ------------------------------------------------------------------------------------
-
-
-def snapshot(root: Path) -> dict[str, object]:
-    """Every entry under root: relative path -> 'dir', a link's target, or the file's sha256."""
-    tree: dict[str, object] = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = Path(folder) / name
-            rel = str(path.relative_to(root))
-            if path.is_symlink():
-                tree[rel] = f"link -> {os.readlink(path)}"
-            elif path.is_dir():
-                tree[rel] = "dir"
-            else:
-                tree[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return tree
 
 
 def refused(cli, root: Path, *args: object, culprit: str | None = None) -> str:

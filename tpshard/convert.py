@@ -6,12 +6,11 @@ from pathlib import Path
 import torch
 
 from tpshard.errors import TpshardError
-from tpshard.files.atomic import file_status, refuse_output_over_inputs
+from tpshard.files.atomic import file_status, input_files, refuse_output_over_inputs
 from tpshard.files.checkpoint import Checkpoint, training_record
 from tpshard.files.shardset import (
     BPE_TOKENIZER,
     CHAR_TOKENIZER,
-    MANIFEST,
     Manifest,
     ShardSet,
     tensor_table,
@@ -84,17 +83,6 @@ def shipped_tokenizer_name(path: Path) -> str:
     return CHAR_TOKENIZER if isinstance(load_tokenizer_file(path), CharTokenizer) else BPE_TOKENIZER
 
 
-def input_files(path: Path) -> list[Path]:
-    """A checkpoint's path, and for a directory (an HF one) the files in it, which may be links to
-    elsewhere (the hub's cache links each to a blob): --force must replace none of them."""
-    if not path.is_dir():
-        return [path]
-    try:
-        return [path, *path.iterdir()]
-    except OSError:
-        return [path]
-
-
 def as_text(name: str) -> str:
     """A file name as JSON text: the bytes that are not UTF-8 (Python holds them as lone surrogates, which a
     manifest must not) shown as U+FFFD."""
@@ -148,8 +136,7 @@ def reshard(
     grid = ParallelDims(tp_size)
     grid.check(shards.manifest.config)
     tokenizer = shards.tokenizer_path
-    parts = [shards.directory / MANIFEST, *map(shards.rank_path, range(shards.tp_size)), *filter(None, [tokenizer])]
-    refuse_output_over_inputs(out_dir, [shards.directory, *parts])  # a rank file may be a link to elsewhere
+    refuse_output_over_inputs(out_dir, input_files(shards.directory))  # a rank file may be a link to elsewhere
     tokenizer_name = None
     if tokenizer is not None:  # copied last: say what is wrong with it before the long write
         _, problem = file_status(tokenizer)

@@ -300,7 +300,8 @@ def find_tokenizer(
     checkpoint: Path | str, *, dataset: object, vocab_size: int, explicit: Path | str | None = None
 ) -> Tokenizer:
     """The tokenizer for a checkpoint (a ckpt.pt or its directory, or a shard directory), looked for in
-    this order: `explicit`; the one a shard set's manifest names; meta.pkl beside the checkpoint;
+    this order: `explicit` (for a shard set opened by the caller: the one its manifest names, unless
+    the user gave one); meta.pkl beside the checkpoint;
     data/<dataset>/meta.pkl under the current directory (where nanoGPT's sample.py looks); the one
     *.tiktoken beside the checkpoint; tiktoken's gpt2 when vocab_size is GPT-2's. It must not have more
     tokens than the model. dataset is the training config's, as found: anything but a name (an int, a
@@ -318,9 +319,6 @@ def find_tokenizer(
 def _search(checkpoint: Path, dataset: str | None, vocab_size: int, explicit: Path | None) -> Tokenizer:
     if explicit is not None:
         return load_tokenizer_file(explicit)
-    shipped = _shipped(checkpoint)
-    if shipped is not None:
-        return load_tokenizer_file(shipped)
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     candidates: list[tuple[Path, Callable[[Path], Tokenizer]]] = [(folder / "meta.pkl", load_meta_pkl)]
     if dataset:
@@ -343,21 +341,6 @@ def _search(checkpoint: Path, dataset: str | None, vocab_size: int, explicit: Pa
         f"no tokenizer found for {checkpoint} (vocab_size {vocab_size}, not GPT-2's); looked for "
         f"{', '.join(looked)}; {TOKENIZER_HINT}"
     )
-
-
-def _shipped(directory: Path) -> Path | None:
-    """The tokenizer a shard set's manifest names (whatever its name: a set written by an earlier tpshard
-    kept the user's), or None when directory is no shard set or its manifest names none."""
-    if not directory.is_dir():
-        return None
-    from tpshard.files.shardset import MANIFEST, ShardSet  # here: it imports torch
-
-    if not (directory / MANIFEST).is_file():
-        return None
-    try:
-        return ShardSet.open(directory).tokenizer_path
-    except TpshardError:  # not a shard set after all (the callers that take one have opened it already)
-        return None
 
 
 def _read_bytes(path: Path, what: str) -> bytes:

@@ -102,19 +102,18 @@ def merge(
     sample.py loads; its optimizer entry is None, since shards carry no optimizer state.
     """
     from tpshard.convert import merge_shards
-    from tpshard.files.atomic import refuse_output_over_inputs
+    from tpshard.files.atomic import input_files, refuse_output_over_inputs
     from tpshard.files.dense_safetensors import save_safetensors
     from tpshard.files.hf import save_hf
     from tpshard.files.nanogpt import save_checkpoint
-    from tpshard.files.shardset import MANIFEST, ShardSet
+    from tpshard.files.shardset import ShardSet
 
     if os.path.lexists(out) and not force:  # a dangling link or a link loop is a name taken too
         raise TpshardError(f"{out}: already exists; choose another output or pass --force to replace it")
     if out.is_dir() and format is not MergeFormat.hf:
         raise TpshardError(f"{out}: is a directory, expected a file name for the merged checkpoint")
     shard_set = ShardSet.open(shards)
-    parts = [shard_set.directory / MANIFEST, *map(shard_set.rank_path, range(shard_set.tp_size))]
-    refuse_output_over_inputs(out, [shard_set.directory, *parts, *filter(None, [shard_set.tokenizer_path])])
+    refuse_output_over_inputs(out, input_files(shard_set.directory))
     total = sum(f["bytes"] for f in shard_set.manifest.files)
     with byte_progress("verify checksums", total) as progress:
         ckpt = merge_shards(shard_set, progress=progress)

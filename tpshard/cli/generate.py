@@ -120,7 +120,8 @@ def generate(
     mode = mode or (Mode.simulated if shards else Mode.dense)
     _check_layout(source, mode, shards, nproc)
     if shards is not None:
-        config, dataset = shards.manifest.config, (shards.manifest.source.get("config") or {}).get("dataset")
+        config, dataset = shards.manifest.config, shards.manifest.dataset
+        tokenizer = tokenizer or shards.tokenizer_path  # the one shipped in the set, whatever its name
     else:
         config, dataset = opened.config, opened.train_config.get("dataset")
     tok = find_tokenizer(source, dataset=dataset, vocab_size=config.vocab_size, explicit=tokenizer)

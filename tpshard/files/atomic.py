@@ -95,6 +95,18 @@ def refuse_output_over_inputs(out: Path, inputs: list[Path]) -> None:
             raise TpshardError(f"{out}: is or holds the input {path}; write the output elsewhere")
 
 
+def input_files(path: Path) -> list[Path]:
+    """An input's path, and for a directory (an HF one, a shard set) the files in it, which may be links
+    to elsewhere (the hub's cache links each to a blob; a rank file may be one): an output must replace
+    none of them."""
+    if not path.is_dir():
+        return [path]
+    try:
+        return [path, *path.iterdir()]
+    except OSError:
+        return [path]
+
+
 def real_path(path: Path) -> Path:
     """path with every symbolic link followed, as far as they lead. Path.resolve raises RuntimeError on a
     link loop (before Python 3.13); os.path.realpath stops there instead."""

@@ -100,6 +100,11 @@ class Manifest:
         ]
 
     @property
+    def dataset(self) -> object:
+        """The training config's dataset, as the source recorded it (where sample.py finds meta.pkl)."""
+        return (self.source.get("config") or {}).get("dataset")
+
+    @property
     def vocab_padding(self) -> int:
         """Zero rows appended to a vocab-parallel embedding (dropped again on merge)."""
         if not self.vocab_parallel:

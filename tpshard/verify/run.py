@@ -1,6 +1,5 @@
 """The entry point of verify: options checked, inputs drawn, the three parts run in order."""
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import asdict
@@ -9,7 +8,7 @@ from pathlib import Path
 import torch
 
 from tpshard.errors import TpshardError
-from tpshard.files.atomic import refuse_output_over_inputs
+from tpshard.files.atomic import input_files, refuse_output_over_inputs
 from tpshard.files.paths import Kind, kind_of, load_checkpoint
 from tpshard.files.shardset import MANIFEST, ShardSet
 from tpshard.files.tensorfile import DTYPE_NAMES
@@ -137,10 +136,7 @@ def refuse_report_over_inputs(
     and every file in it, --against and, for a directory, its files, --tokenizer), whatever path it
     is reached by (symlinks resolved); and its directory must exist."""
     report = Path(report)
-    inputs = [Path(p) for p in (shards_dir, against, tokenizer) if p is not None]
-    for folder in [p for p in inputs if p.is_dir()]:
-        with contextlib.suppress(OSError):  # unreadable: verify itself says so
-            inputs += sorted(folder.iterdir())
+    inputs = [file for p in (shards_dir, against, tokenizer) if p is not None for file in input_files(Path(p))]
     try:
         refuse_output_over_inputs(report, inputs)
     except TpshardError as e:
@@ -216,9 +212,11 @@ def _inputs(
     if prompts:
         from tpshard.tokenizer import find_tokenizer
 
-        dataset = (shards.manifest.source.get("config") or {}).get("dataset")
         tokenizer = find_tokenizer(
-            shards.directory, dataset=dataset, vocab_size=config.vocab_size, explicit=tokenizer_file
+            shards.directory,
+            dataset=shards.manifest.dataset,
+            vocab_size=config.vocab_size,
+            explicit=tokenizer_file or shards.tokenizer_path,  # the one shipped in the set, whatever its name
         )
         encoded = [tokenizer.encode(text)[-config.block_size :] for text in prompts]
         if not all(encoded):
