@@ -20,6 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from tpshard.cli.app import app
+from tpshard.comm.shm import shm_unavailable_reason
 from tpshard.config import GPTConfig
 from tpshard.convert import split_checkpoint
 from tpshard.files.checkpoint import model_args
@@ -119,18 +120,24 @@ class Run:
 
 
 @pytest.mark.parametrize(
-    ("sampling", "split"),
-    [(["--greedy"], "tp2"), (["--seed", "11", "--top-k", "5", "--num-samples", "2"], "tp2-vocab")],
-    ids=["greedy", "sampled-vocab-parallel"],
+    ("sampling", "split", "comm"),
+    [(["--greedy"], "tp2", "gloo"), (["--seed", "11", "--top-k", "5", "--num-samples", "2"], "tp2-vocab", "auto")],
+    ids=["greedy-gloo", "sampled-vocab-parallel-auto"],
 )
-def test_distributed_prints_the_dense_text(model: tuple[Path, Path], sampling: list[str], split: str) -> None:
+def test_distributed_prints_the_dense_text(
+    model: tuple[Path, Path], sampling: list[str], split: str, comm: str
+) -> None:
     ckpt, shards = model[0], model[1].parent / split
     expected = dense_text(ckpt, *sampling, "--max-new-tokens", "60")
-    with Run(shards, "--mode", "distributed", "--nproc", "2", *sampling, "--max-new-tokens", "60", "--stats") as run:
+    args = ("--mode", "distributed", "--nproc", "2", "--comm", comm, *sampling, "--max-new-tokens", "60", "--stats")
+    with Run(shards, *args) as run:
         code, out, err = run.finish()
     assert code == 0, err
     assert out == expected
-    assert "distributed tp 2" in err and "peak RSS" in err and "Traceback" not in err
+    # auto takes shared memory wherever it can serve the group (2 ranks, a core each, on this host)
+    ran = "gloo" if comm == "gloo" or shm_unavailable_reason(torch.device("cpu"), 2, poll=True) else "shm"
+    assert f"distributed tp 2 (2 processes, {ran})" in err and "peak RSS" in err and "Traceback" not in err
+    assert "µs median per sync point" in err
 
 
 def test_torchrun_starts_the_ranks(model: tuple[Path, Path], tmp_path: Path) -> None:
@@ -146,26 +153,32 @@ def test_torchrun_starts_the_ranks(model: tuple[Path, Path], tmp_path: Path) -> 
     assert out == expected  # rank 0 alone prints
 
 
-def test_a_corrupt_rank_file_stops_every_rank(model: tuple[Path, Path], tmp_path: Path) -> None:
-    _, shards = model
+def run_with_a_corrupt_file(shards: Path, tmp_path: Path, name: str) -> tuple[float, int, str, str]:
+    """A distributed generate of a copy of shards whose file `name` has other bytes of the same size
+    (caught by the checksum): (seconds until it ended, exit code, stdout, stderr), every process gone."""
     broken = tmp_path / "broken"
     broken.mkdir()
     for file in shards.iterdir():
         (broken / file.name).write_bytes(file.read_bytes())
-    data = bytearray((broken / "rank1-of-2.safetensors").read_bytes())
-    data[-100] ^= 0xFF  # same size, different bytes: caught by the checksum
-    (broken / "rank1-of-2.safetensors").write_bytes(bytes(data))
+    data = bytearray((broken / name).read_bytes())
+    data[-100] ^= 0xFF
+    (broken / name).write_bytes(bytes(data))
     start = time.monotonic()
     with Run(broken, "--mode", "distributed", "--max-new-tokens", "20") as run:
         while run.proc.poll() is None:
             run.watch()
             time.sleep(0.05)
         code, out, err = run.finish()
-    assert time.monotonic() - start < 15
+    assert_all_gone(run.seen)
+    return time.monotonic() - start, code, out, err
+
+
+def test_a_corrupt_rank_file_stops_every_rank(model: tuple[Path, Path], tmp_path: Path) -> None:
+    seconds, code, out, err = run_with_a_corrupt_file(model[1], tmp_path, "rank1-of-2.safetensors")
+    assert seconds < 15
     assert code == 2 and out == ""
     assert err.count("\n") == 1, err
     assert re.fullmatch(r"tpshard: error: rank 1: \S*rank1-of-2.safetensors: sha256 differs .*\n", err)
-    assert_all_gone(run.seen)
 
 
 def test_a_killed_rank_stops_every_rank(model: tuple[Path, Path]) -> None:

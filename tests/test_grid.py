@@ -94,7 +94,7 @@ def test_a_set_written_before_the_grid_was_recorded_is_read(two_way: Path, bias_
     ("change", "phrase"),
     [
         (lambda d: d["grid"].update(tp=4), "grid tp 4 but tp_size 2"),
-        (lambda d: d["grid"].update(pp=2), "2 pipeline stages; this tpshard reads tensor-parallel sets only"),
+        (lambda d: d["grid"].update(pp=2), "2 pipeline stages in a version 1 set"),
         (lambda d: d.update(grid=[2, 1]), "'grid' is not an object"),
         (lambda d: d["grid"].update(pp="1"), "grid"),
         (lambda d: d["files"][1].update(tp_rank=0), "files[1] at (stage, tp rank) (0, 0)"),

@@ -184,7 +184,7 @@ def test_c_proj_bias_is_added_once_after_the_reduction(tmp_path: Path, monkeypat
     torch.testing.assert_close(sharded(idx), want, atol=1e-5, rtol=0)  # measured ~1e-6: sums reassociated
 
     # one row-parallel layer by hand: a bias per rank adds it N times, (N - 1) too many
-    c_proj = sharded.transformer.h[0].attn.c_proj
+    c_proj = sharded.transformer.h["0"].attn.c_proj
     x = torch.randn(2, 5, 4, BIAS_CONFIG.n_embd // 4, generator=torch.Generator().manual_seed(1))
     assert isinstance(c_proj, layers.RowParallelLinear)  # as the plan says
     once = c_proj(x, LOCAL)

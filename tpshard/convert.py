@@ -1,13 +1,19 @@
 """split, merge and reshard: whole shard sets written or read back, following the split rules of
 parallel/plan.py tensor by tensor, so that no step holds the model twice."""
 
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from tpshard.config import GPTConfig
 from tpshard.errors import TpshardError
 from tpshard.files.atomic import file_status, input_files, refuse_output_over_inputs
 from tpshard.files.checkpoint import Checkpoint, training_record
+from tpshard.files.pages import drop_file_pages, shares_memory
 from tpshard.files.shardset import (
     BPE_TOKENIZER,
     CHAR_TOKENIZER,
@@ -16,10 +22,34 @@ from tpshard.files.shardset import (
     tensor_table,
     write_shard_set,
 )
-from tpshard.files.tensorfile import DTYPE_NAMES, BackgroundHash, Progress
+from tpshard.files.tensorfile import DTYPE_NAMES, BackgroundHash, Progress, TensorSource
 from tpshard.parallel import plan
-from tpshard.parallel.grid import ParallelDims
+from tpshard.parallel.grid import ParallelDims, Stages
 from tpshard.tokenizer import CharTokenizer, find_tokenizer, load_tokenizer_file
+
+
+def choose_stages(
+    config: GPTConfig, pp: int, stage_layers: Stages | None = None, tp: int = 1, vocab_parallel: bool = False
+) -> Stages:
+    """The blocks of each of pp stages: stage_layers as given (checked), else balanced by the bytes
+    of a rank."""
+    ParallelDims(1, pp).check(config)
+    if stage_layers is None:
+        return plan.balanced_stages(config, pp, tp, vocab_parallel)
+    if stage_layers.pp != pp:
+        raise TpshardError(f"--stage-layers {stage_layers}: {stage_layers.pp} stages given for --pp {pp}")
+    stage_layers.check(config)
+    return stage_layers
+
+
+def planned_bytes(
+    config: GPTConfig, dtype: torch.dtype, grid: ParallelDims, stages: Stages, vocab_parallel: bool = False
+) -> int:
+    """The tensor bytes a split or reshard to this grid writes, every rank file together."""
+    tensors = tensor_table(config, vocab_parallel, grid.pp)
+    manifest = Manifest(grid, config, dtype, tensors, [], {}, vocab_parallel=vocab_parallel, stages=stages)
+    layouts = (manifest.layout(rank) for rank in range(grid.world_size))
+    return sum(dtype.itemsize * math.prod(shape) for layout in layouts for _, _, shape in layout)
 
 
 def split_checkpoint(
@@ -27,16 +57,21 @@ def split_checkpoint(
     tp_size: int,
     out_dir: Path,
     *,
+    pp: int = 1,
+    stage_layers: Stages | None = None,
     dtype: torch.dtype | None = None,
     vocab_parallel: bool = False,
     force: bool = False,
     tokenizer_file: Path | None = None,
     progress: Progress | None = None,
 ) -> Manifest:
-    """Split a dense checkpoint into tp_size rank files (optimizer state is left out). tokenizer_file
-    (a meta.pkl or a ranks file, under any name) is loaded, and shipped under the name of its kind."""
-    grid = ParallelDims(tp_size)
+    """Split a dense checkpoint into tp_size x pp rank files (optimizer state is left out): pp
+    pipeline stages of stage_layers blocks each (default: balanced by bytes), each split tp_size
+    ways. tokenizer_file (a meta.pkl or a ranks file, under any name) is loaded, and shipped under
+    the name of its kind."""
+    grid = ParallelDims(tp_size, pp)
     grid.check(checkpoint.config)
+    stages = choose_stages(checkpoint.config, pp, stage_layers, tp_size, vocab_parallel)
     refuse_output_over_inputs(out_dir, [*input_files(checkpoint.path), *([tokenizer_file] if tokenizer_file else [])])
     tokenizer_name = shipped_tokenizer_name(tokenizer_file) if tokenizer_file is not None else None
     dtype = dtype or checkpoint.dtype
@@ -45,14 +80,16 @@ def split_checkpoint(
         grid=grid,
         config=checkpoint.config,
         dtype=dtype,
-        tensors=tensor_table(checkpoint.config, vocab_parallel),
+        tensors=tensor_table(checkpoint.config, vocab_parallel, pp),
         files=[],
         source={},
         vocab_parallel=vocab_parallel,
+        stages=stages,
     )
 
     def piece(name: str, rank: int) -> torch.Tensor:
-        return plan.shard(name, checkpoint.state_dict[name], rank, tp_size, vocab_parallel).to(dtype)
+        dense = checkpoint.state_dict[plan.TIED.get(name, name)]  # the last stage's lm_head: wte's copy
+        return _piece(name, dense, grid.coordinates(rank)[1], tp_size, vocab_parallel, dtype)
 
     def describe_source() -> dict:
         return {
@@ -111,30 +148,127 @@ def tokenizer_to_ship(checkpoint: Checkpoint, explicit: Path | None, scratch: Pa
     return tok.source, None
 
 
-def merge_shards(shards: ShardSet, *, checksum: bool = True, progress: Progress | None = None) -> Checkpoint:
-    """The dense checkpoint back from every rank's file (each checked against its sha256 first, unless
-    checksum=False: the caller just did)."""
-    for rank in range(shards.tp_size):
-        shards.check_file(rank, checksum=checksum, progress=progress)
-    pieces = shards.load_pieces(list(range(shards.tp_size)), checksum=False)
-    state = {name: shards.manifest.unshard(name, ranks).contiguous() for name, ranks in pieces.items()}
-    for tied, source in plan.TIED.items():
-        state[tied] = state[source]
+def _piece(
+    name: str, dense: torch.Tensor, tp_rank: int, tp_size: int, vocab_parallel: bool, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """One rank's piece of a dense tensor, for a rank file. When the piece is a copy (a cut that is not
+    a view, a cast), the dense tensor's memory-mapped pages are released now; a view's are released by
+    the writer once written."""
+    piece = plan.shard(name, dense, tp_rank, tp_size, vocab_parallel)
+    piece = piece if dtype is None else piece.to(dtype)
+    if not shares_memory(piece, dense):
+        drop_file_pages(dense)
+    return piece
+
+
+def check_rank_files(shards: ShardSet, *, checksum: bool = True, progress: Progress | None = None) -> None:
+    """Every rank file against the manifest (size, header; sha256 unless checksum=False), the files
+    hashed side by side on the cores there are (hashlib releases the GIL); the first failing rank, in
+    rank order, is raised."""
+    ranks = range(shards.manifest.grid.world_size)
+    workers = max(1, min(len(ranks), os.cpu_count() or 1)) if checksum else 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        checks = [pool.submit(shards.check_file, rank, checksum=checksum, progress=progress) for rank in ranks]
+        try:
+            for check in checks:
+                check.result()
+        except BaseException:
+            for check in checks:
+                check.cancel()
+            raise
+
+
+def mapped_pieces(shards: ShardSet) -> dict[str, list[torch.Tensor]]:
+    """Every rank's pieces, memory-mapped (load_pieces, the files' sha256 not checked again), with the
+    pages that mapping them touched dropped: about 100 kB per tensor stays mapped otherwise (the
+    first page of each and what the kernel maps around it), which grows with the model."""
+    pieces = shards.load_pieces(list(range(shards.manifest.grid.world_size)), checksum=False)
+    for ranks in pieces.values():
+        for piece in ranks:
+            drop_file_pages(piece)
+    return pieces
+
+
+def dense_tensors(shards: ShardSet) -> TensorSource:
+    """A shard set's dense tensors, nanoGPT's names, each put together from its memory-mapped pieces
+    only when asked for, and kept by no one here: a tensor split across ranks is copied out then and
+    its pieces' pages released; a replicated one is rank 0's piece itself (a view of its file). The
+    last stage's copy of the tied embedding is checked first, then left out; lm_head.weight is wte.
+    The rank files are not checked here (check_rank_files)."""
+    m = shards.manifest
+    pieces = _untied(shards, mapped_pieces(shards))
+    layout = [(name, m.dtype, tuple(m.tensors[name]["shape"])) for name in pieces]
+    layout += [(tied, m.dtype, tuple(m.tensors[source]["shape"])) for tied, source in plan.TIED.items()]
+
+    def make(name: str) -> torch.Tensor:
+        stored = plan.TIED.get(name, name)
+        ranks = pieces[stored]
+        dense = m.unshard(stored, ranks).contiguous()
+        if not any(shares_memory(dense, piece) for piece in ranks):
+            for piece in ranks:
+                drop_file_pages(piece)
+        return dense
+
+    return TensorSource(layout, make)
+
+
+def merged_checkpoint(shards: ShardSet, *, checksum: bool = True, progress: Progress | None = None) -> Checkpoint:
+    """The dense checkpoint of a shard set, its state_dict made tensor by tensor when asked for
+    (dense_tensors): what the writers stream to disk, holding one tensor at a time. Every rank file is
+    checked against its sha256 first, unless checksum=False (the caller just did)."""
+    check_rank_files(shards, checksum=checksum, progress=progress)
     return Checkpoint(
         path=shards.directory,
         config=shards.manifest.config,
-        state_dict=state,
+        state_dict=dense_tensors(shards),
         **training_record(shards.manifest.source, shards.directory),
     )
 
 
+def merge_shards(shards: ShardSet, *, checksum: bool = True, progress: Progress | None = None) -> Checkpoint:
+    """The dense checkpoint back from every rank's file, every tensor in memory (each file checked
+    against its sha256 first, unless checksum=False: the caller just did). To write it to disk, take
+    merged_checkpoint: the same tensors, one at a time."""
+    merged = merged_checkpoint(shards, checksum=checksum, progress=progress)
+    state = {name: merged.state_dict[name] for name in merged.state_dict if name not in plan.TIED}
+    for tied, source in plan.TIED.items():
+        state[tied] = state[source]
+    return replace(merged, state_dict=state)
+
+
+def _untied(shards: ShardSet, pieces: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """The pieces without the last stage's copy of the tied embedding, once it is checked to be one."""
+    for tied, source in plan.TIED.items():
+        copies = pieces.pop(tied, None)
+        if copies is None:
+            continue
+        same = all(torch.equal(a, b) for a, b in zip(copies, pieces[source], strict=True))
+        for piece in (*copies, *pieces[source]):  # read whole for the comparison: released
+            drop_file_pages(piece)
+        if not same:
+            raise TpshardError(
+                f"{shards.directory}: the last stage's {tied} differs from stage 0's {source}, which the manifest "
+                "records as tied: the set was modified; re-split it"
+            )
+    return pieces
+
+
 def reshard(
-    shards: ShardSet, tp_size: int, out_dir: Path, *, force: bool = False, progress: Progress | None = None
+    shards: ShardSet,
+    tp_size: int,
+    out_dir: Path,
+    *,
+    pp: int = 1,
+    stage_layers: Stages | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
 ) -> Manifest:
-    """N -> M directly: each tensor is reassembled from the old pieces and cut for the new ranks,
-    one tensor at a time, without a dense checkpoint on disk."""
-    grid = ParallelDims(tp_size)
+    """One grid to another (tp x pp) directly: each tensor is reassembled from the old pieces and cut
+    for the new ranks, one tensor at a time, without a dense checkpoint on disk. The rank files are
+    byte-identical to a direct split's."""
+    grid = ParallelDims(tp_size, pp)
     grid.check(shards.manifest.config)
+    stages = choose_stages(shards.manifest.config, pp, stage_layers, tp_size, shards.manifest.vocab_parallel)
     tokenizer = shards.tokenizer_path
     refuse_output_over_inputs(out_dir, input_files(shards.directory))  # a rank file may be a link to elsewhere
     tokenizer_name = None
@@ -146,18 +280,68 @@ def reshard(
             tokenizer_name = shipped_tokenizer_name(tokenizer)
         except TpshardError as e:
             raise TpshardError(f"{e}; the shard set's tokenizer is damaged: restore it or re-split") from None
-    for rank in range(shards.tp_size):
-        shards.check_file(rank)
-    old = shards.load_pieces(list(range(shards.tp_size)), checksum=False)
     m = shards.manifest
-    manifest = Manifest(grid, m.config, m.dtype, m.tensors, [], {}, vocab_parallel=m.vocab_parallel)
+    check_rank_files(shards)
+    old = _untied(shards, mapped_pieces(shards))
+    tensors = tensor_table(m.config, m.vocab_parallel, pp)
+    manifest = Manifest(grid, m.config, m.dtype, tensors, [], {}, vocab_parallel=m.vocab_parallel, stages=stages)
+
+    def piece(name: str, rank: int) -> torch.Tensor:
+        pieces = old[plan.TIED.get(name, name)]
+        cut, read = _recut(name, pieces, grid.coordinates(rank)[1], tp_size, m.vocab_parallel, m.config.vocab_size)
+        if not any(shares_memory(cut, p) for p in read):
+            for p in read:  # copied out: their pages are done with (a view's are dropped once written)
+                drop_file_pages(p)
+        return cut
+
+    resharded_from = {"resharded_from_tp": m.tp_size} | ({"resharded_from_pp": m.grid.pp} if m.grid.pp > 1 else {})
     return write_shard_set(
         out_dir,
         manifest,
-        lambda name, rank: plan.shard(name, m.unshard(name, old[name]), rank, tp_size, m.vocab_parallel),
-        lambda: {**m.source, "resharded_from_tp": m.tp_size},
+        piece,
+        lambda: {**m.source, **resharded_from},
         force=force,
         tokenizer_file=tokenizer,
         tokenizer_name=tokenizer_name,
         progress=progress,
     )
+
+
+def _recut(
+    name: str, pieces: list[torch.Tensor], tp_rank: int, tp_size: int, vocab_parallel: bool, vocab_size: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """plan.shard(name, plan.unshard(name, pieces), tp_rank, tp_size), the new rank's piece, cut from
+    the old pieces it overlaps without putting the dense tensor together (a view of one old piece
+    where it lies inside it), and those old pieces. The same values, so the same bytes on disk."""
+    rule = plan.rule_for(name, vocab_parallel)
+    if rule is plan.Rule.REPLICATED:
+        return pieces[0], pieces[:1]
+    if rule is plan.Rule.QKV_COLUMN:  # q, k and v each: a run of rows across the old ranks' parts
+        parts = [piece.view(3, -1, *piece.shape[1:]) for piece in pieces]
+        rows = parts[0].size(1) * len(parts) // tp_size
+        cuts = [_span([part[p] for part in parts], 0, tp_rank * rows, (tp_rank + 1) * rows) for p in range(3)]
+        read = [pieces[i] for i in sorted({i for _, used in cuts for i in used})]
+        return torch.stack([cut for cut, _ in cuts]).reshape(-1, *pieces[0].shape[1:]), read
+    dim = 0 if rule is plan.Rule.VOCAB else rule.dim
+    assert dim is not None
+    total = sum(piece.size(dim) for piece in pieces) if rule is not plan.Rule.VOCAB else vocab_size
+    size = plan.vocab_slice(total, tp_size) if rule is plan.Rule.VOCAB else total // tp_size
+    start, stop = tp_rank * size, min((tp_rank + 1) * size, total)  # the vocabulary's padding rows: zeros
+    cut, used = _span(pieces, dim, start, stop)
+    if stop - start < size:
+        cut = torch.cat([cut, cut.new_zeros(size - (stop - start), *cut.shape[1:])])
+    return cut, [pieces[i] for i in used]
+
+
+def _span(pieces: list[torch.Tensor], dim: int, start: int, stop: int) -> tuple[torch.Tensor, list[int]]:
+    """Elements start..stop along dim of the pieces laid end to end, and which pieces they come from:
+    a view when they lie in one piece, else those pieces' parts put together."""
+    parts, used, offset = [], [], 0
+    for i, piece in enumerate(pieces):
+        length = piece.size(dim)
+        first, last = max(start, offset), min(stop, offset + length)
+        if first < last:
+            parts.append(piece.narrow(dim, first - offset, last - first))
+            used.append(i)
+        offset += length
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim)), used

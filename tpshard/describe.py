@@ -5,7 +5,7 @@ reports, or dumps them as JSON (every report is a dataclass of plain values).
     checkpoint   ckpt.pt, a dense .safetensors, a Hugging Face GPT-2 directory: model, weights,
                  tokenizer, optimizer state (sized from the archive, never read), the split plan
     shards       a shard directory: the manifest in brief, every rank's file, one block's data flow,
-                 an integrity check (sha256 on request)
+                 the pipeline stages (if any), an integrity check (sha256 on request)
     rank_file    one rank's .safetensors: which rank of which set, its tensors
 """
 
@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 
 from tpshard.config import GPTConfig
+from tpshard.convert import choose_stages
 from tpshard.errors import TpshardError
 from tpshard.files.checkpoint import Checkpoint, model_args
 from tpshard.files.nanogpt import read_checkpoint_file
 from tpshard.files.paths import Kind, checkpoint_file, kind_of, load_checkpoint
-from tpshard.files.shardset import MANIFEST, ShardSet, rank_file_identity
+from tpshard.files.shardset import MANIFEST, Manifest, ShardSet, rank_file_identity, tensor_table
 from tpshard.files.tensorfile import DTYPE_NAMES, DTYPES, NAMES_BY_CODE, open_safetensors, sha256_file
 from tpshard.parallel import plan
-from tpshard.parallel.grid import check_tp, valid_tp_sizes
+from tpshard.parallel.grid import ParallelDims, Stages, check_tp, valid_tp_sizes
 from tpshard.tokenizer import find_tokenizer
 
 # --- the split plan -------------------------------------------------------------------------------
@@ -141,6 +142,58 @@ def _parameters(config: GPTConfig) -> int:
     return sum(_numel(shape) for shape in plan.dense_shapes(config).values())
 
 
+# --- the stage plan -------------------------------------------------------------------------------
+
+
+@dataclass
+class StageFacts:
+    """One pipeline stage as split would write it: what its ranks hold, do and send."""
+
+    stage: int
+    ranks: list[int]  # global ranks: its tensor-parallel group
+    blocks: list[int]  # first and last block
+    holds: str  # in words: "wte, wpe, blocks 0-5"
+    rank_bytes: int  # one rank's tensors
+    all_reduces: int  # per forward, inside the stage's tensor-parallel group (0 at tp 1)
+    send_bytes_per_token: int  # to the next stage, per rank (0 for the last stage)
+    kv_cache_bytes: int  # one rank's KV cache for one sequence of block_size tokens
+    memory_bytes: int  # rank_bytes + kv_cache_bytes: what one rank needs, activations aside
+
+
+def stage_plan(
+    config: GPTConfig, dtype: torch.dtype, tp: int, stages: Stages, vocab_parallel: bool = False
+) -> list[StageFacts]:
+    """Each stage of a tp x pp split: blocks, bytes per rank, collectives, hand-overs, memory."""
+    grid = ParallelDims(tp, stages.pp)
+    manifest = Manifest(
+        grid, config, dtype, tensor_table(config, vocab_parallel, stages.pp), [], {}, vocab_parallel=vocab_parallel
+    )
+    manifest.stages = stages
+    facts = []
+    for s in range(stages.pp):
+        blocks = stages.blocks(s)
+        layout = manifest.layout(grid.rank(s, 0))
+        weights = sum(d.itemsize * _numel(shape) for _, d, shape in layout)
+        kv = 2 * len(blocks) * config.block_size * (config.n_embd // tp) * dtype.itemsize
+        span = f"block {blocks.start}" if len(blocks) == 1 else f"blocks {blocks.start}-{blocks.stop - 1}"
+        held = [*(["wte", "wpe"] if s == 0 else []), span]
+        held += ["ln_f", "lm_head" + (" (wte's copy)" if stages.pp > 1 else "")] if s == stages.pp - 1 else []
+        facts.append(
+            StageFacts(
+                stage=s,
+                ranks=grid.tp_group(grid.rank(s, 0)),
+                blocks=[blocks.start, blocks.stop - 1],
+                holds=", ".join(held),
+                rank_bytes=weights,
+                all_reduces=plan.stage_sync_points(config, stages, s, vocab_parallel) if tp > 1 else 0,
+                send_bytes_per_token=config.n_embd * dtype.itemsize if s < stages.pp - 1 else 0,
+                kv_cache_bytes=kv,
+                memory_bytes=weights + kv,
+            )
+        )
+    return facts
+
+
 # --- the data flow of one block -------------------------------------------------------------------
 
 
@@ -235,6 +288,7 @@ class CheckpointReport:
     optimizer: Optimizer
     sha256: str | None  # with checksums=True
     plan: SplitPlan
+    stages: list[StageFacts] | None = None  # with pp > 1
     kind: str = "checkpoint"
 
 
@@ -258,9 +312,12 @@ def optimizer_state(path: Path) -> Optimizer:
 
 
 def _format(path: Path) -> str:
-    return {Kind.HF_DIRECTORY: "Hugging Face GPT-2 directory", Kind.DENSE_SAFETENSORS: "dense safetensors"}.get(
-        kind_of(path), "nanoGPT ckpt.pt"
-    )
+    formats = {
+        Kind.HF_DIRECTORY: "Hugging Face GPT-2 directory",
+        Kind.DENSE_SAFETENSORS: "dense safetensors",
+        Kind.DCP_DIRECTORY: "PyTorch distributed checkpoint (DCP)",
+    }
+    return formats.get(kind_of(path), "nanoGPT ckpt.pt")
 
 
 def _disk_bytes(path: Path) -> int:
@@ -279,10 +336,20 @@ def _tokenizer(ckpt: Checkpoint) -> tuple[str | None, str | None]:
 
 
 def inspect_checkpoint(
-    path: Path, *, tp: int = 1, vocab_parallel: bool = False, checksums: bool = False
+    path: Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    stage_layers: Stages | None = None,
+    vocab_parallel: bool = False,
+    checksums: bool = False,
 ) -> CheckpointReport:
     ckpt = load_checkpoint(path)
     split = split_plan(ckpt.config, ckpt.dtype, tp, vocab_parallel)  # refuses a bad tp before anything slow
+    stages = None
+    if pp > 1 or stage_layers is not None:
+        chosen = choose_stages(ckpt.config, pp, stage_layers, tp, vocab_parallel)
+        stages = stage_plan(ckpt.config, ckpt.dtype, tp, chosen, vocab_parallel)
     stored = [t for name, t in ckpt.state_dict.items() if name not in plan.TIED]
     tokenizer, note = _tokenizer(ckpt)
     is_pt = _format(path) == "nanoGPT ckpt.pt"
@@ -303,6 +370,7 @@ def inspect_checkpoint(
         optimizer=optimizer_state(path) if is_pt else Optimizer(present=False),
         sha256=sha256_file(path) if checksums and path.is_file() else None,
         plan=split,
+        stages=stages,
     )
 
 
@@ -348,6 +416,8 @@ class ShardSetReport:
     block: list[Branch]
     plan: SplitPlan
     integrity: IntegritySummary
+    pp_size: int = 1
+    stages: list[StageFacts] | None = None  # with pp > 1
     kind: str = "shards"
 
 
@@ -366,14 +436,16 @@ def inspect_shards(path: Path, *, checksums: bool = False) -> ShardSetReport:
     dense = m.dense_bytes()
     ranks = []
     for entry in m.files:
+        layout = m.layout(entry["rank"])
+        tensor_bytes = sum(d.itemsize * _numel(shape) for _, d, shape in layout)
         ranks.append(
             RankEntry(
                 rank=entry["rank"],
                 file=entry["file"],
-                tensors=len(m.tensors),
+                tensors=len(layout),
                 bytes=entry["bytes"],
-                tensor_bytes=split.rank_bytes,
-                share=split.rank_bytes / dense,
+                tensor_bytes=tensor_bytes,
+                share=tensor_bytes / dense,
                 sha256=entry["sha256"],
                 problem=_check_rank(shards, entry["rank"], checksums),
             )
@@ -405,6 +477,8 @@ def inspect_shards(path: Path, *, checksums: bool = False) -> ShardSetReport:
             ok=not problems,
             problems=problems,
         ),
+        pp_size=m.grid.pp,
+        stages=stage_plan(m.config, m.dtype, m.tp_size, m.stage_plan, m.vocab_parallel) if m.grid.pp > 1 else None,
     )
 
 
@@ -431,6 +505,8 @@ class RankFileReport:
     shard_set: str | None  # the directory whose manifest lists this file as this rank
     sha256: str | None  # with checksums=True
     sha256_matches: bool | None  # against that manifest; None when there is none or no checksum
+    pp_size: int = 1
+    stage: int = 0  # with pp_size > 1, from the file's metadata
     kind: str = "rank_file"
 
 
@@ -441,6 +517,8 @@ def inspect_rank_file(path: Path, *, checksums: bool = False) -> RankFileReport:
     rank, tp_size, version = identity
     tensors = []
     with open_safetensors(path) as f:
+        meta = f.metadata() or {}
+        pp_size, stage = _metadata_int(meta, "pp_size", 1), _metadata_int(meta, "stage", 0)
         # in file order, as written (nanoGPT's state_dict order); keys() alone is sorted by name
         names = f.offset_keys() if hasattr(f, "offset_keys") else f.keys()
         for name in names:
@@ -461,7 +539,15 @@ def inspect_rank_file(path: Path, *, checksums: bool = False) -> RankFileReport:
         shard_set=str(path.parent) if listed else None,
         sha256=digest,
         sha256_matches=digest == listed["sha256"] if digest and listed else None,
+        pp_size=pp_size,
+        stage=stage,
     )
+
+
+def _metadata_int(meta: dict, key: str, default: int) -> int:
+    """A rank file's metadata field as an int (written by tpshard as decimal text; absent before stages)."""
+    value = meta.get(key)
+    return int(value) if isinstance(value, str) and value.isdigit() else default
 
 
 def _listing(path: Path, rank: int) -> dict | None:
@@ -480,10 +566,17 @@ Report = CheckpointReport | ShardSetReport | RankFileReport
 
 
 def inspect_path(
-    path: str | Path, *, tp: int | None = None, vocab_parallel: bool = False, checksums: bool = False
+    path: str | Path,
+    *,
+    tp: int | None = None,
+    pp: int | None = None,
+    stage_layers: Stages | None = None,
+    vocab_parallel: bool = False,
+    checksums: bool = False,
 ) -> Report:
-    """Whatever is at path: a shard directory, a rank file, or a dense checkpoint (tp: how to split
-    it, 1 when None; for shards and rank files, tp must be the set's own, if given)."""
+    """Whatever is at path: a shard directory, a rank file, or a dense checkpoint (tp, pp and
+    stage_layers: how to split it, tp 1 and pp 1 when None; for shards and rank files they must be
+    the set's own, if given)."""
     path = Path(path)
     kind = kind_of(path)
     if kind is Kind.MISSING:
@@ -494,7 +587,13 @@ def inspect_path(
             "(no config.json); give a ckpt.pt, a shard directory or a rank file"
         )
     if kind is Kind.SHARD_SET:
-        _already_split(path, ShardSet.open(path).tp_size, tp, vocab_parallel)
+        grid = ShardSet.open(path).manifest.grid
+        _already_split(path, grid.tp, tp, vocab_parallel)
+        if (pp is not None and pp != grid.pp) or stage_layers is not None:
+            raise TpshardError(
+                f"--pp/--stage-layers: {path} is already split into {grid.pp} stage(s); reshard it: "
+                f"tpshard reshard {path} --tp {grid.tp} --pp P -o OUT"
+            )
         return inspect_shards(path, checksums=checksums)
     if kind is Kind.NANOGPT_OUT_DIR:
         path = checkpoint_file(path)  # described as the ckpt.pt it holds, as sample.py's --out_dir reads it
@@ -503,7 +602,14 @@ def inspect_path(
         assert identity is not None
         _already_split(path, identity[1], tp, vocab_parallel)
         return inspect_rank_file(path, checksums=checksums)
-    return inspect_checkpoint(path, tp=1 if tp is None else tp, vocab_parallel=vocab_parallel, checksums=checksums)
+    return inspect_checkpoint(
+        path,
+        tp=1 if tp is None else tp,
+        pp=pp or (stage_layers.pp if stage_layers else 1),
+        stage_layers=stage_layers,
+        vocab_parallel=vocab_parallel,
+        checksums=checksums,
+    )
 
 
 def _already_split(path: Path, tp_size: int, tp: int | None, vocab_parallel: bool) -> None:

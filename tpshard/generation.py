@@ -3,6 +3,7 @@ runtimes: nanoGPT's sampling, the token loop, and a Runner that times it and rea
 collectives counted."""
 
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -115,7 +116,11 @@ class Stats:
     forwards: int = 0
     sync_points: int = 0  # reductions done (counted by CountingCollectives); 0 for a dense model
     sync_bytes: int = 0  # bytes those reductions produced, per rank
+    sync_median_seconds: float = 0.0  # one reduction's median wall time (decode steps and prefill alike)
+    sends: int = 0  # activations handed to the next pipeline stage
+    sent_bytes: int = 0
     comm_seconds: float = 0.0  # in cross-process collectives (waiting for the slowest rank included)
+    p2p_seconds: float = 0.0  # of which between stages (sends, receives, the token broadcast)
 
     @property
     def tokens_per_second(self) -> float:
@@ -130,24 +135,24 @@ class Stats:
 class Runner:
     """Generation with one model, for any runtime: timed, its communication counted.
 
-    Distributed, rank 0 alone picks each token (its picker holds the only RNG stream) and broadcasts
-    it, so every rank feeds the same token to its next step. Every rank's logits are bit-identical
-    anyway (see comm/process_group.py), so each could draw from a generator of its own; the broadcast
-    makes that a guarantee instead of a property of the kernels and the hardware, for one 8-byte
-    collective per token.
+    Distributed, one rank alone picks each token (its picker holds the only RNG stream: tp rank 0 of
+    the last stage) and broadcasts it, so every rank feeds the same token to its next step. The
+    logits of a stage's ranks are bit-identical anyway (see comm/process_group.py), so each could
+    draw from a generator of its own; the broadcast makes that a guarantee instead of a property of
+    the kernels and the hardware, for one 8-byte collective per token.
     """
 
     def __init__(self, model: GPT, sampling: Sampling):
         self.model = model
         self.comm = model.comm
-        self.device = model.lm_head.weight.device
-        self.picker = TokenPicker(sampling, self.device) if self.comm.rank == 0 else None
+        self.device = model.device
+        self.picker = TokenPicker(sampling, self.device) if self.comm.picks_tokens else None
         self._stats = Stats()
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
         if self.picker is not None:
             if not torch.isfinite(logits).all():  # finite weights, overflowing activations: garbage, or a crash
-                dtype = self.model.lm_head.weight.dtype
+                dtype = self.model.dtype
                 hint = "; try --dtype float32" if dtype in (torch.float16, torch.bfloat16) else ""
                 raise TpshardError(
                     f"the model's logits came out NaN or infinite (computing in {str(dtype).removeprefix('torch.')}): "
@@ -178,4 +183,13 @@ class Runner:
 
     def stats(self) -> Stats:
         counted = self.comm if isinstance(self.comm, CountingCollectives) else CountingCollectives(self.comm)
-        return replace(self._stats, sync_points=counted.calls, sync_bytes=counted.bytes, comm_seconds=self.comm.seconds)
+        return replace(
+            self._stats,
+            sync_points=counted.calls,
+            sync_bytes=counted.bytes,
+            sync_median_seconds=statistics.median(counted.sync_seconds) if counted.sync_seconds else 0.0,
+            sends=counted.sends,
+            sent_bytes=counted.sent_bytes,
+            comm_seconds=self.comm.seconds,
+            p2p_seconds=self.comm.p2p_seconds,
+        )

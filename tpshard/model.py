@@ -24,7 +24,7 @@ from tpshard.comm.collectives import LOCAL, Collectives
 from tpshard.config import GPTConfig
 from tpshard.parallel import plan
 from tpshard.parallel.grid import DENSE, Placement, check_tp
-from tpshard.parallel.layers import embedding, parallel_linear, vocab_parallel_embed
+from tpshard.parallel.layers import Linear, decode_layout, embedding, parallel_linear, vocab_parallel_embed
 
 
 class KVCache:
@@ -33,12 +33,13 @@ class KVCache:
     def __init__(self, model: "GPT", batch_size: int, capacity: int | None = None):
         """capacity: the most tokens it will hold (default and at most block_size); memory is
         allocated for that many up front."""
-        attn = model.transformer.h[0].attn
+        blocks = model.transformer.h
+        attn = next(iter(blocks.values())).attn
         self.capacity = min(capacity or model.config.block_size, model.config.block_size)
         shape = (batch_size, attn.n_local_heads, self.capacity, attn.head_size)
-        param = model.lm_head.weight
-        self.keys = [param.new_empty(shape) for _ in range(model.config.n_layer)]
-        self.values = [param.new_empty(shape) for _ in range(model.config.n_layer)]
+        param = next(model.parameters())
+        self.keys = {int(layer): param.new_empty(shape) for layer in blocks}  # this process's blocks only
+        self.values = {int(layer): param.new_empty(shape) for layer in blocks}
         self.length = 0  # tokens already stored
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,31 +121,45 @@ class GPT(nn.Module):
         self.config = config
         self.placement = placement
         self.comm = comm
+        self.stages = placement.stage_plan(config.n_layer)
+        self.stages.check(config)
+        self.first = 0 in placement.hosted  # holds the embeddings
+        self.last = self.stages.pp - 1 in placement.hosted  # holds ln_f and the output layer
         vocab_rows = config.vocab_size
         if placement.vocab_parallel:
             self.vocab_slice = plan.vocab_slice(config.vocab_size, placement.tp_size)
             vocab_rows = self.vocab_slice * len(placement.ranks)
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=embedding(vocab_rows, config.n_embd),
-                wpe=embedding(config.block_size, config.n_embd),
-                h=nn.ModuleList([Block(config, placement) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
-            )
-        )
-        self.lm_head = nn.Linear(config.n_embd, vocab_rows, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied, as in nanoGPT
+        # keyed by block index, so that a stage's parameters keep nanoGPT's names (transformer.h.7...)
+        layers = [layer for stage in placement.hosted for layer in self.stages.blocks(stage)]
+        modules: dict[str, nn.Module] = {}  # in nanoGPT's order, which is its state_dict's
+        if self.first:
+            modules |= {"wte": embedding(vocab_rows, config.n_embd), "wpe": embedding(config.block_size, config.n_embd)}
+        modules["h"] = nn.ModuleDict({str(i): Block(config, placement) for i in layers})
+        if self.last:
+            modules["ln_f"] = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.transformer = nn.ModuleDict(modules)
+        if self.last:
+            self.lm_head = Linear(config.n_embd, vocab_rows, bias=False)
+            self._tie()
 
     @classmethod
     def from_state_dict(
         cls, config: GPTConfig, state_dict: dict, placement: Placement = DENSE, comm: Collectives = LOCAL
     ) -> "GPT":
-        """Adopt the tensors as parameters without copying them (they may be memory-mapped)."""
+        """Adopt the tensors as parameters without copying them (they may be memory-mapped), but for
+        the weights decode_layout stores transposed (parallel/layers.py: one copy, the old let go)."""
         with torch.device("meta"):
             model = cls(config, placement, comm)
         model.load_state_dict(state_dict, assign=True)
-        model.transformer.wte.weight = model.lm_head.weight  # assign replaced the tied parameter
+        model._tie()  # assign replaced the tied parameter
+        decode_layout(model, state_dict)  # weights stored as decoding streams them fastest (parallel/layers.py)
         return model.eval()
+
+    def _tie(self) -> None:
+        """One tensor for the embedding and the output layer, as in nanoGPT, when one stage holds
+        both; pipeline stages each hold their own (split writes the last stage a copy)."""
+        if self.first and self.last and not self.placement.pipelined:
+            self.transformer.wte.weight = self.lm_head.weight
 
     def forward(
         self,
@@ -157,24 +172,38 @@ class GPT(nn.Module):
         """Logits for idx (B, T). With a cache, idx continues the cached tokens.
 
         last_only: logits of the last position only (all that sampling needs).
-        hidden_states: if given, receives the residual stream after the embedding and after each block.
+        hidden_states: if given, receives the residual stream after the embedding and after each
+        block (of the stages this process holds).
+
+        A process without the last stage receives its first stage's input from the stage before
+        (stage 0 embeds idx), hands its output on, and returns no logits: a [B, T, 0] tensor (it
+        holds no column of the vocabulary). Every stage gets idx, for its shapes and positions.
         """
-        T = idx.size(1)
+        B, T = idx.shape
         start = cache.length if cache is not None else 0
         limit = cache.capacity if cache is not None else self.config.block_size
         if start + T > limit:
             what = "block_size" if limit == self.config.block_size else "the KV cache's capacity"
             raise ValueError(f"sequence of {start + T} tokens exceeds {what} {limit}")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.embed(idx) + self.transformer.wpe(pos)  # (B, T, C)
-        if hidden_states is not None:
-            hidden_states.append(x)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, layer, cache, self.comm)
-            if hidden_states is not None:
-                hidden_states.append(x)
+        x = torch.empty(0)
+        for stage in self.placement.hosted:
+            if stage == 0:
+                pos = torch.arange(start, start + T, device=idx.device)
+                x = self.embed(idx) + self.transformer.wpe(pos)  # (B, T, C)
+                if hidden_states is not None:
+                    hidden_states.append(x)
+            else:
+                x = self.comm.recv_forward((B, T, self.config.n_embd), self.dtype, idx.device)
+            for layer in self.stages.blocks(stage):
+                x = self.transformer.h[str(layer)](x, layer, cache, self.comm)
+                if hidden_states is not None:
+                    hidden_states.append(x)
+            if stage < self.stages.pp - 1:
+                self.comm.send_forward(x)
         if cache is not None:
             cache.length += T
+        if not self.last:
+            return x.new_empty(B, 1 if last_only else T, 0)
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:]
@@ -182,6 +211,14 @@ class GPT(nn.Module):
         if self.placement.vocab_parallel:
             logits = self.comm.gather_logits(logits)[..., : self.config.vocab_size]  # drop the padding rows' logits
         return logits
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         if not self.placement.vocab_parallel:

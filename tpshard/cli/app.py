@@ -79,6 +79,21 @@ class DType(StrEnum):
     float16 = "float16"
 
 
+class Comm(StrEnum):
+    """--comm: what carries a distributed run's tensor-parallel collectives (comm/choose.py)."""
+
+    auto = "auto"
+    shm = "shm"
+    gloo = "gloo"
+
+
+COMM_HELP = (
+    "Distributed: the tensor-parallel collectives. shm: through shared memory (CPU, every rank of a stage on "
+    "this host, a core each; microseconds a call); gloo: gloo over the network stack (NCCL on CUDA); auto: shm "
+    "where it can serve, else gloo. Stages always hand over by send/recv."
+)
+
+
 @contextmanager
 def byte_progress(description: str, total: int, *, enabled: bool = True) -> Iterator:
     """A progress bar on stderr, shown only on a terminal and for work large enough to wait for."""

@@ -4,6 +4,7 @@ import os
 import tempfile
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -12,21 +13,40 @@ from rich.table import Table
 from tpshard.cli.app import DType, app, byte_progress, expand_user, stderr, stdout
 from tpshard.errors import TpshardError
 
+if TYPE_CHECKING:  # the CLI imports torch only when a command runs
+    from tpshard.parallel.grid import ParallelDims, Stages
+
 
 class MergeFormat(StrEnum):
     pt = "pt"
     safetensors = "safetensors"
     hf = "hf"
+    dcp = "dcp"
+
+
+def _layout(grid: "ParallelDims", stages: "Stages | None" = None) -> str:
+    if grid.pp == 1:
+        return f"tp {grid.tp}"
+    return f"tp {grid.tp} x pp {grid.pp}" + (f" (layers {stages})" if stages else "")
 
 
 def _files_table(manifest, directory: Path) -> Table:
+    pipelined = manifest.grid.pp > 1
     table = Table()
     table.add_column("rank", justify="right")
+    if pipelined:
+        table.add_column("stage", justify="right")
+        table.add_column("blocks")
     table.add_column("file")
     table.add_column("bytes", justify="right")
     table.add_column("sha256")
     for entry in manifest.files:
-        table.add_row(str(entry["rank"]), str(directory / entry["file"]), f"{entry['bytes']:,}", entry["sha256"][:16])
+        where = []
+        if pipelined:
+            blocks = manifest.stage_plan.blocks(entry["stage"])
+            where = [str(entry["stage"]), f"{blocks.start}-{blocks.stop - 1}"]
+        cells = [str(directory / entry["file"]), f"{entry['bytes']:,}", entry["sha256"][:16]]
+        table.add_row(str(entry["rank"]), *where, *cells)
     return table
 
 
@@ -34,6 +54,19 @@ def _files_table(manifest, directory: Path) -> Table:
 def split(
     checkpoint: Path = typer.Argument(..., help="nanoGPT ckpt.pt (as train.py writes it).", callback=expand_user),
     tp: int = typer.Option(..., "--tp", help="Tensor-parallel size N; must divide n_head."),
+    pp: int = typer.Option(
+        1,
+        "--pp",
+        help="Pipeline stages P: each holds a contiguous range of blocks, split N ways inside the stage; stage 0 "
+        "also holds wte and wpe, the last ln_f and its own copy of the (tied) output layer. N x P rank files.",
+    ),
+    stage_layers: str | None = typer.Option(
+        None,
+        "--stage-layers",
+        help="Blocks per stage, e.g. 4,4,4 (P numbers, at least 1 each, n_layer in all). \\[default: balanced by "
+        "bytes, the embeddings counted with the first and last stages]",
+        show_default=False,
+    ),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory for the shard set.", callback=expand_user),
     dtype: DType | None = typer.Option(None, help="Store the shards in this dtype (default: the checkpoint's)."),
     tokenizer: Path | None = typer.Option(None, help="Tokenizer to ship with the shards (meta.pkl or .tiktoken)."),
@@ -45,25 +78,41 @@ def split(
     ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
-    """Split CHECKPOINT into N Megatron-style rank files plus a checksummed manifest.
+    """Split CHECKPOINT into N Megatron-style rank files (N x P with pipeline stages) plus a
+    checksummed manifest.
 
     Attention q,k,v (per head) and the MLP's c_fc are split by output columns; both c_proj by input
     rows (their biases are added once, after the all-reduce); everything else is replicated. The
     optimizer state is left out and never read. The write is atomic: OUT appears only when complete.
+
+    Examples:
+
+        tpshard split ckpt.pt --tp 2 -o shards
+
+        tpshard split ckpt.pt --tp 2 --pp 2 -o shards          (4 ranks: 2 stages of 2)
+
+        tpshard split ckpt.pt --tp 1 --pp 3 --stage-layers 3,5,4 -o shards
     """
-    from tpshard.convert import split_checkpoint, tokenizer_to_ship
+    from tpshard.convert import choose_stages, planned_bytes, split_checkpoint, tokenizer_to_ship
     from tpshard.files.paths import load_checkpoint
     from tpshard.files.tensorfile import DTYPES
+    from tpshard.parallel.grid import ParallelDims, Stages
 
     ckpt = load_checkpoint(checkpoint)
     target = DTYPES[dtype.value] if dtype else None
-    total = tp * sum(t.numel() * (target or ckpt.dtype).itemsize for t in ckpt.state_dict.values())
-    with tempfile.TemporaryDirectory() as scratch, byte_progress(f"split into {tp}", total) as progress:
+    grid = ParallelDims(tp, pp)
+    grid.check(ckpt.config)  # before anything is written, and before the stages (a bad --tp first)
+    stages = choose_stages(ckpt.config, pp, Stages.parse(stage_layers) if stage_layers else None, tp, vocab_parallel)
+    total = planned_bytes(ckpt.config, target or ckpt.dtype, grid, stages, vocab_parallel)
+    label = f"split into {_layout(grid)}"
+    with tempfile.TemporaryDirectory() as scratch, byte_progress(label, total) as progress:
         tokenizer_file, why_none = tokenizer_to_ship(ckpt, tokenizer, Path(scratch))
         manifest = split_checkpoint(
             ckpt,
             tp,
             out,
+            pp=pp,
+            stage_layers=stages,
             dtype=target,
             vocab_parallel=vocab_parallel,
             force=force,
@@ -74,7 +123,7 @@ def split(
         # said once the set is written: a split refused afterwards (a bad --tp, -o over an input) is one line
         note = f"[yellow]note:[/] {escape(why_none)}; the shard set ships without a tokenizer"
         stderr.print(note, markup=True, soft_wrap=True)
-    layout = f"tp {tp}, {dtype or 'source dtype'}" + (", vocab-parallel" if vocab_parallel else "")
+    layout = f"{_layout(grid, stages)}, {dtype or 'source dtype'}" + (", vocab-parallel" if vocab_parallel else "")
     stdout.print(f"{checkpoint} -> {out} ({layout})")
     stdout.print(_files_table(manifest, out))
     if ckpt.has_optimizer:
@@ -91,7 +140,11 @@ def merge(
         MergeFormat.pt,
         "--format",
         help="pt: nanoGPT ckpt.pt; safetensors: one dense file; hf: a Hugging Face GPT-2 directory "
-        "(config.json + model.safetensors) that transformers' GPT2LMHeadModel.from_pretrained loads.",
+        "(config.json + model.safetensors) that transformers' GPT2LMHeadModel.from_pretrained loads; dcp: a "
+        "PyTorch distributed checkpoint directory (nanoGPT's names, q, k, v of c_attn stacked as (3, C, C)) that "
+        "torch.distributed.checkpoint.load reads into a plain or a tensor-parallel model, resharded on load. pt, "
+        "safetensors and hf are written one tensor at a time (memory: about the largest tensor, not the model); dcp "
+        "holds the whole dense model in memory, as torch.distributed.checkpoint.save takes a whole state_dict.",
     ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
@@ -101,8 +154,9 @@ def merge(
     ckpt.pt (model, model_args, iter_num, best_val_loss, config; wte and lm_head tied) that nanoGPT's
     sample.py loads; its optimizer entry is None, since shards carry no optimizer state.
     """
-    from tpshard.convert import merge_shards
+    from tpshard.convert import merge_shards, merged_checkpoint
     from tpshard.files.atomic import input_files, refuse_output_over_inputs
+    from tpshard.files.dcp import save_dcp
     from tpshard.files.dense_safetensors import save_safetensors
     from tpshard.files.hf import save_hf
     from tpshard.files.nanogpt import save_checkpoint
@@ -110,17 +164,20 @@ def merge(
 
     if os.path.lexists(out) and not force:  # a dangling link or a link loop is a name taken too
         raise TpshardError(f"{out}: already exists; choose another output or pass --force to replace it")
-    if out.is_dir() and format is not MergeFormat.hf:
+    if out.is_dir() and format not in (MergeFormat.hf, MergeFormat.dcp):
         raise TpshardError(f"{out}: is a directory, expected a file name for the merged checkpoint")
     shard_set = ShardSet.open(shards)
     refuse_output_over_inputs(out, input_files(shard_set.directory))
     total = sum(f["bytes"] for f in shard_set.manifest.files)
-    with byte_progress("verify checksums", total) as progress:
-        ckpt = merge_shards(shard_set, progress=progress)
-    if format is MergeFormat.hf:
-        save_hf(ckpt, out, force=force)
-    else:
-        (save_checkpoint if format is MergeFormat.pt else save_safetensors)(ckpt, out)
+    with byte_progress("verify checksums", total) as progress:  # dcp: every tensor in memory; else one at a time
+        ckpt = (merge_shards if format is MergeFormat.dcp else merged_checkpoint)(shard_set, progress=progress)
+    with byte_progress(f"write {out.name}", shard_set.manifest.dense_bytes()) as progress:
+        if format is MergeFormat.hf:
+            save_hf(ckpt, out, force=force, progress=progress)
+        elif format is MergeFormat.dcp:
+            save_dcp(ckpt, out, force=force, tokenizer_file=shard_set.tokenizer_path)
+        else:
+            (save_checkpoint if format is MergeFormat.pt else save_safetensors)(ckpt, out, progress)
     stdout.print(f"merged {shard_set.tp_size} shards -> {out} ({format.value}, checksums verified)")
 
 
@@ -128,19 +185,39 @@ def merge(
 def reshard(
     shards: Path = typer.Argument(..., help="Shard directory written by split or reshard.", callback=expand_user),
     tp: int = typer.Option(..., "--tp", help="New tensor-parallel size M; must divide n_head."),
+    pp: int | None = typer.Option(
+        None, "--pp", help="New pipeline stages. \\[default: the set's]", show_default=False
+    ),
+    stage_layers: str | None = typer.Option(
+        None,
+        "--stage-layers",
+        help="Blocks per new stage, e.g. 4,4,4. \\[default: the set's for the same --pp, else balanced by bytes]",
+        show_default=False,
+    ),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory for the new shard set.", callback=expand_user),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
-    """Turn an N-way shard set into an M-way one directly, tensor by tensor (no dense checkpoint).
+    """Turn a shard set of one grid (tp x pp) into another directly, tensor by tensor (no dense
+    checkpoint).
 
-    The result is byte-identical to splitting the original checkpoint M ways.
+    The rank files are byte-identical to splitting the original checkpoint with the new grid.
     """
+    from tpshard.convert import choose_stages, planned_bytes
     from tpshard.convert import reshard as reshard_set
     from tpshard.files.shardset import ShardSet
+    from tpshard.parallel.grid import ParallelDims, Stages
 
     shard_set = ShardSet.open(shards)
-    total = tp * shard_set.manifest.dense_bytes()
-    with byte_progress(f"reshard {shard_set.tp_size} -> {tp}", total) as progress:
-        manifest = reshard_set(shard_set, tp, out, force=force, progress=progress)
-    stdout.print(f"{shards} (tp {shard_set.tp_size}) -> {out} (tp {tp})")
+    m = shard_set.manifest
+    pp = m.grid.pp if pp is None else pp
+    grid = ParallelDims(tp, pp)
+    grid.check(m.config)
+    if stage_layers is not None:
+        stages = choose_stages(m.config, pp, Stages.parse(stage_layers))
+    else:
+        stages = m.stage_plan if pp == m.grid.pp else choose_stages(m.config, pp, None, tp, m.vocab_parallel)
+    total = planned_bytes(m.config, m.dtype, grid, stages, m.vocab_parallel)
+    with byte_progress(f"reshard {_layout(m.grid)} -> {_layout(grid)}", total) as progress:
+        manifest = reshard_set(shard_set, tp, out, pp=pp, stage_layers=stages, force=force, progress=progress)
+    stdout.print(f"{shards} ({_layout(m.grid, m.stages)}) -> {out} ({_layout(grid, stages)})")
     stdout.print(_files_table(manifest, out))

@@ -17,7 +17,7 @@ from rich.tree import Tree
 from tpshard.cli.app import app, expand_user, stdout
 
 if TYPE_CHECKING:  # the CLI imports torch only inside commands
-    from tpshard.describe import CheckpointReport, RankFileReport, ShardSetReport, SplitPlan
+    from tpshard.describe import CheckpointReport, RankFileReport, ShardSetReport, SplitPlan, StageFacts
 
 KIND_STYLES = {"column": "cyan", "row": "magenta", "all-reduce": "bold red", "local": "green"}
 
@@ -33,6 +33,12 @@ def inspect(
     tp: int | None = typer.Option(
         None, "--tp", help="Show how the checkpoint splits N ways (default: 1, and the valid N listed)."
     ),
+    pp: int | None = typer.Option(
+        None, "--pp", help="Show the pipeline stages a checkpoint would be split into (with --tp: tp x pp ranks)."
+    ),
+    stage_layers: str | None = typer.Option(
+        None, "--stage-layers", help="Blocks per stage, e.g. 4,4,4, as split takes it. \\[default: balanced by bytes]"
+    ),
     vocab_parallel: bool = typer.Option(
         False, "--vocab-parallel", help="Plan the split as split --vocab-parallel would (wte by vocabulary rows)."
     ),
@@ -45,9 +51,10 @@ def inspect(
 
     A checkpoint: model args, parameters, dtype and bytes, tokenizer, optimizer state (sized, never
     loaded), and every tensor with its split under --tp N: bytes per rank, sync points per forward,
-    all-reduce bytes per generated token. A shard directory: the manifest, every rank's file, one
-    block's data flow with its two all-reduces, and an integrity check. A rank file: which rank of
-    which set, and its tensors.
+    all-reduce bytes per generated token; with --pp P, the stages: blocks and bytes per rank,
+    all-reduces per stage, bytes sent between stages per token, the memory each rank needs. A shard
+    directory: the manifest, every rank's file, the stages, one block's data flow with its two
+    all-reduces, and an integrity check. A rank file: which rank of which set, and its tensors.
 
     Exit codes: 0 ok, 1 a shard file fails the integrity check, 2 bad input.
 
@@ -55,13 +62,17 @@ def inspect(
 
         tpshard inspect ckpt.pt --tp 2
 
+        tpshard inspect ckpt.pt --tp 2 --pp 2
+
         tpshard inspect shards --checksums
 
         tpshard inspect shards/rank0-of-2.safetensors --json
     """
     from tpshard.describe import CheckpointReport, ShardSetReport, inspect_path, to_json
+    from tpshard.parallel.grid import Stages
 
-    report = inspect_path(path, tp=tp, vocab_parallel=vocab_parallel, checksums=checksums)
+    layers = Stages.parse(stage_layers) if stage_layers is not None else None
+    report = inspect_path(path, tp=tp, pp=pp, stage_layers=layers, vocab_parallel=vocab_parallel, checksums=checksums)
     failed = (isinstance(report, ShardSetReport) and not report.integrity.ok) or getattr(
         report, "sha256_matches", None
     ) is False
@@ -100,6 +111,32 @@ def _checkpoint(out: Console, r: "CheckpointReport") -> None:
     out.print(facts)
     out.print()
     _plan(out, r.plan)
+    if r.stages:
+        out.print()
+        _stages(out, r.stages)
+
+
+def _stages(out: Console, stages: "list[StageFacts]") -> None:
+    """The pipeline stages: what each rank holds, its collectives, what it sends, what it needs."""
+    table = Table(title=f"pipeline stages ({len(stages)})", title_justify="left", title_style="bold")
+    for name in ("stage", "ranks", "holds", "per rank", "all-reduces", "sends / token", "memory per rank"):
+        table.add_column(name, justify="left" if name in ("holds", "ranks") else "right")
+    for s in stages:
+        ranks = str(s.ranks[0]) if len(s.ranks) == 1 else f"{s.ranks[0]}-{s.ranks[-1]}"
+        sends = f"{_size(s.send_bytes_per_token)}" if s.send_bytes_per_token else "-"
+        memory = f"{_size(s.memory_bytes)} (KV {_size(s.kv_cache_bytes)})"
+        table.add_row(
+            str(s.stage), ranks, s.holds, _size(s.rank_bytes), str(s.all_reduces), sends, memory
+        )
+    out.print(table)
+    out.print(
+        Text(
+            "all-reduces: per forward, inside the stage's tensor-parallel group; sends: the residual stream to the "
+            "next stage's rank of the same tp rank, per token; memory: weights + KV cache for one sequence of "
+            "block_size tokens (activations aside)",
+            "dim",
+        )
+    )
 
 
 def _optimizer(r: "CheckpointReport") -> str:
@@ -179,6 +216,8 @@ def _shards(out: Console, r: "ShardSetReport") -> None:
     out.print(Text.assemble((r.path, "bold"), f"  tpshard shard set, format version {r.format_version}"))
     facts = _facts()
     facts.add_row("tp size", f"{r.tp_size}" + (", vocabulary split too (vocab-parallel)" if r.vocab_parallel else ""))
+    if r.pp_size > 1:
+        facts.add_row("pp size", f"{r.pp_size} pipeline stages: {r.tp_size * r.pp_size} ranks")
     facts.add_row("model", f"{_model_args(r.model_args)}; {r.parameters:,} parameters")
     facts.add_row("dtype", f"{r.dtype}; dense model {_size(r.dense_bytes, exact=True)}")
     facts.add_row("source", _source(r.source))
@@ -209,6 +248,9 @@ def _shards(out: Console, r: "ShardSetReport") -> None:
         )
     out.print(table)
     out.print()
+    if r.stages:
+        _stages(out, r.stages)
+        out.print()
     out.print(_block_tree(r))
     out.print()
     out.print(_integrity(r))
@@ -262,7 +304,9 @@ def _rank_file(out: Console, r: "RankFileReport") -> None:
     out.print(
         Text.assemble(
             (r.path, "bold"),
-            f"  rank {r.rank} of {r.tp_size} (tpshard format version {r.format_version}), "
+            f"  rank {r.rank} of {r.tp_size * r.pp_size}"
+            + (f" (stage {r.stage} of {r.pp_size}, tp {r.tp_size})" if r.pp_size > 1 else "")
+            + f" (tpshard format version {r.format_version}), "
             f"{_size(r.file_bytes, exact=True)}",
         )
     )

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from tpshard.cli.app import DType, app, expand_user, stderr
+from tpshard.cli.app import COMM_HELP, Comm, DType, app, expand_user, stderr
 from tpshard.errors import TpshardError
 
 if TYPE_CHECKING:  # the CLI imports torch only inside commands
@@ -34,6 +34,7 @@ class Mode(StrEnum):
 
 @app.command()
 def generate(
+    ctx: typer.Context,
     source: Path = typer.Argument(
         ...,
         metavar="CKPT_OR_SHARDS",
@@ -48,7 +49,15 @@ def generate(
         show_default=False,
     ),
     nproc: int | None = typer.Option(
-        None, help="Ranks (processes when distributed); must be the shard set's tp size. \\[default: its tp size]"
+        None,
+        help="Ranks (processes when distributed); must be the shard set's tp x pp. \\[default: its tp x pp]",
+    ),
+    comm: Comm = typer.Option(Comm.auto, "--comm", help=COMM_HELP),
+    spread_tp: bool = typer.Option(
+        False,
+        "--spread-tp",
+        help="Under torchrun across nodes: run even when a stage's tensor-parallel group spans nodes (its two "
+        "collectives per layer then cross the network; by default such a placement is refused).",
     ),
     prompt: str | None = typer.Option(None, help='Text to continue. \\[default: "\\n", as nanoGPT]'),
     prompt_file: Path | None = typer.Option(None, help="Read the prompt from this UTF-8 file."),
@@ -68,6 +77,13 @@ def generate(
         "cpu", help="cpu, cuda or cuda:N. Distributed: cpu (gloo) or cuda (NCCL, rank r on cuda:LOCAL_RANK)."
     ),
     dtype: DType | None = typer.Option(None, help="Compute in this dtype. \\[default: the weights' dtype]"),
+    threads: int | None = typer.Option(
+        None,
+        min=1,
+        help="CPU threads per process (per rank when distributed). \\[default: OMP_NUM_THREADS if set, else 1 "
+        "for a model of under 8M parameters per process, else the CPUs shared among the ranks]",
+        show_default=False,
+    ),
     tokenizer: Path | None = typer.Option(
         None,
         help="meta.pkl or .tiktoken file. \\[default: beside the checkpoint, in the shard set, or GPT-2's]",
@@ -84,8 +100,9 @@ def generate(
 
     A checkpoint runs dense. A shard directory runs simulated (all ranks in this process, partial
     sums added at each sync point) or distributed (one process per rank, started here with torch's
-    launcher engine, or by torchrun; each rank reads only its own shard file). For one seed the three
-    print the same text.
+    launcher engine, or by torchrun; each rank reads only its own shard file). A set with pipeline
+    stages (split --pp) runs them in order, each stage handing its output to the next. For one seed
+    the three print the same text.
 
     Examples:
 
@@ -96,6 +113,9 @@ def generate(
         tpshard generate shards --mode distributed --num-samples 3 --seed 7
 
         torchrun --nproc-per-node 2 -m tpshard generate shards --mode distributed
+
+        torchrun --nnodes 2 --nproc-per-node 2 --node-rank R --master-addr HOST -m tpshard generate \\
+            shards_tp2_pp2 --mode distributed      (stage s on node s: tensor parallelism inside a node)
     """
     from tpshard.files.paths import open_model_source
     from tpshard.files.shardset import ShardSet
@@ -103,7 +123,8 @@ def generate(
     from tpshard.generation import Sampling
     from tpshard.runtime import launch
     from tpshard.runtime.models import dense_model, simulated_model
-    from tpshard.runtime.programs import Request, generate_on_rank, generate_samples
+    from tpshard.runtime.programs import Request, generate_on_rank, generate_samples, grid_label
+    from tpshard.runtime.threads import for_run
     from tpshard.tokenizer import find_tokenizer
 
     sampling = Sampling(temperature=temperature, top_k=top_k or None, greedy=greedy, seed=seed)
@@ -136,9 +157,14 @@ def generate(
         dtype=DTYPES[dtype.value] if dtype else None,
         show_stats=stats,
     )
+    ranks = shards.manifest.grid.world_size if shards is not None and mode is Mode.distributed else 1
+    ctx.with_resource(for_run(config, ranks, threads))  # this process's threads, and each rank's (runtime/threads.py)
     if mode is Mode.distributed:
         assert shards is not None
-        launch.run(generate_on_rank, (shards, request, TerminalSink(tok)), nproc=shards.tp_size, device=device)
+        grid = shards.manifest.grid
+        args = (shards, request, TerminalSink(tok))
+        options = {"grid": grid, "spread_tp": spread_tp, "comm": comm.value}
+        launch.run(generate_on_rank, args, nproc=grid.world_size, device=device, **options)
         return
     if mode is Mode.dense:
         model = dense_model(opened, device=where, dtype=request.dtype)
@@ -146,7 +172,7 @@ def generate(
     else:
         assert shards is not None
         model = simulated_model(shards, device=where, dtype=request.dtype)
-        label = f"simulated tp {shards.tp_size} (one process)"
+        label = f"simulated {grid_label(shards.manifest.grid)} (one process)"
     sink = TerminalSink(tok)
     run_stats = generate_samples(model, request, label, sink)
     if stats:
@@ -177,10 +203,12 @@ def _check_layout(source: Path, mode: Mode, shards: "ShardSet | None", nproc: in
     if mode is Mode.dense:
         raise TpshardError("--nproc applies to --mode simulated and distributed; a dense run is one process")
     assert shards is not None
-    if nproc != shards.tp_size:
+    grid = shards.manifest.grid
+    if nproc != grid.world_size:
+        what = f"{grid.tp}-way" if grid.pp == 1 else f"tp {grid.tp} x pp {grid.pp}"
         raise TpshardError(
-            f"--nproc {nproc}: {source} is a {shards.tp_size}-way shard set, one rank per shard; "
-            f"use --nproc {shards.tp_size}, or reshard it: tpshard reshard {source} --tp {nproc} -o OUT"
+            f"--nproc {nproc}: {source} is a {what} shard set, one rank per shard file; "
+            f"use --nproc {grid.world_size}, or reshard it: tpshard reshard {source} --tp {nproc} -o OUT"
         )
 
 
@@ -264,23 +292,43 @@ def _report(run_stats: "Stats", request: "Request", ranks: "list[RankUsage] | No
     table.add_row(
         "prefill", f"{1e3 * s.prefill_seconds / s.samples:.1f} ms per sample (prompt: {len(request.prompt)} tokens)"
     )
-    if s.sync_points:
+    pipelined = ranks is not None and len({u.stage for u in ranks}) > 1
+    if pipelined:
+        assert ranks is not None
+        stages = sorted({u.stage for u in ranks})
+        firsts = [next(u for u in ranks if u.stage == stage) for stage in stages]  # tp rank 0 of each stage
+        per_stage = " + ".join(str(u.sync_points // s.forwards) for u in firsts)
+        table.add_row("sync points", f"{per_stage} per forward, stage by stage (each in its tensor-parallel group)")
+        sends = sum(u.sends for u in firsts)
+        table.add_row("stage hand-overs", f"{sends / s.forwards:g} sends per forward per tensor-parallel rank")
+    elif s.sync_points:
         table.add_row("sync points", f"{s.sync_points / s.forwards:g} per forward ({s.sync_points} in {s.forwards})")
         table.add_row("reduced", f"{_size(s.sync_bytes)} of activations per rank, counted at each sync point")
+        if s.sends:  # simulated stages: handed over in memory
+            table.add_row("stage hand-overs", f"{s.sends / s.forwards:g} per forward, in this process")
     else:
         table.add_row("sync points", "none (dense)")
     if ranks is not None:
         share = 100 * s.comm_seconds / (s.prefill_seconds + s.decode_seconds)
         table.add_row("communication", f"{s.comm_seconds:.3f} s in collectives, {share:.0f}% of the run (rank 0)")
+        if s.sync_median_seconds:
+            median = f"{1e6 * s.sync_median_seconds:.0f} µs median per sync point (rank 0, waiting included)"
+            table.add_row("sync time", median)
+        if pipelined:
+            per_token = 1e3 * s.p2p_seconds / max(1, s.new_tokens)
+            what = f"{per_token:.2f} ms per token in sends, receives and the token broadcast (rank 0)"
+            table.add_row("between stages", what)
     stderr.print(table)
     if ranks is not None:
         per_rank = Table(title="ranks", title_justify="left")
-        for name in ("rank", "shard file", "peak RSS", "communication"):
+        columns = ("rank", "stage", "shard file", "peak RSS", "communication") if pipelined else (
+            "rank", "shard file", "peak RSS", "communication"
+        )
+        for name in columns:
             per_rank.add_column(name, justify="right")
         for rank, usage in enumerate(ranks):
-            per_rank.add_row(
-                str(rank), _size(usage.shard_bytes), _size(usage.peak_rss), f"{usage.comm_seconds:.3f} s"
-            )
+            cells = [_size(usage.shard_bytes), _size(usage.peak_rss), f"{usage.comm_seconds:.3f} s"]
+            per_rank.add_row(str(rank), *([str(usage.stage)] if pipelined else []), *cells)
         stderr.print(per_rank)
 
 

@@ -13,10 +13,10 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from tpshard.cli.app import app, expand_user, stderr, stdout
+from tpshard.cli.app import COMM_HELP, Comm, app, expand_user, stderr, stdout
 
 if TYPE_CHECKING:  # the CLI imports torch only inside commands
-    from tpshard.verify.report import Communication, Compared, Integrity, LayerError, Numerics, Report
+    from tpshard.verify.report import Communication, Compared, Integrity, LayerError, Numerics, Oracle, Report
 
 BAR_WIDTH = 32
 EIGHTHS = " ▏▎▍▌▋▊▉"
@@ -28,8 +28,13 @@ class VerifyMode(StrEnum):
     distributed = "distributed"
 
 
+class VerifyOracle(StrEnum):
+    torch = "torch"
+
+
 @app.command()
 def verify(
+    ctx: typer.Context,
     shards: Path = typer.Argument(..., help="Shard directory written by split or reshard.", callback=expand_user),
     against: Path | None = typer.Option(
         None,
@@ -40,8 +45,9 @@ def verify(
         show_default=False,
     ),
     mode: VerifyMode = typer.Option(
-        VerifyMode.simulated, help="simulated: every rank in this process; distributed: one process per rank (gloo)."
+        VerifyMode.simulated, help="simulated: every rank in this process; distributed: one process per rank."
     ),
+    comm: Comm = typer.Option(Comm.auto, "--comm", help=COMM_HELP),
     prompt: list[str] | None = typer.Option(
         None, "--prompt", help="Text for both models, tokenized with the shard set's tokenizer; repeat for more."
     ),
@@ -62,6 +68,13 @@ def verify(
         None, help="Relative tolerance (times |dense logit|). \\[default: float32 1e-5, bfloat16 0.02, float16 0.003]"
     ),
     seed: int = typer.Option(0, help="Seed of the random tokens, 0 to 2**64-1."),
+    threads: int | None = typer.Option(
+        None,
+        min=1,
+        help="CPU threads per process (per rank when distributed). \\[default: OMP_NUM_THREADS if set, else 1 "
+        "for a model of under 8M parameters per process, else the CPUs shared among the ranks]",
+        show_default=False,
+    ),
     tokenizer: Path | None = typer.Option(
         None, help="meta.pkl or .tiktoken file for --prompt. \\[default: the one shipped in SHARDS]"
     ),
@@ -73,6 +86,13 @@ def verify(
         "--html",
         help="Also save the rich report as HTML to this file (written whole or not at all; never over an input).",
     ),
+    oracle: VerifyOracle | None = typer.Option(
+        None,
+        "--oracle",
+        help="torch: also run the same weights through PyTorch's own tensor parallelism (parallelize_module with "
+        "ColwiseParallel / RowwiseParallel, loaded from a DCP export; one gloo process per rank) and hold its "
+        "logits against the sharded and the dense run.",
+    ),
 ) -> None:
     """Prove that SHARDS is its dense model: integrity, numerics and communication, each with a verdict.
 
@@ -82,7 +102,7 @@ def verify(
     integrity holds): dense vs sharded in the shards' dtype on the same tokens: the residual stream at
     every block boundary, logits within atol + rtol*|dense|, KL, top-1/top-5 agreement, and greedy
     decoding through the KV cache. Communication: reductions per forward and bytes per token, counted,
-    against the theory (2 per block).
+    against the theory (2 per block). With --oracle torch, PyTorch's logits must agree with both.
 
     Exit codes: 0 every check passed; 1 a check failed (a damaged shard set included); 2 verification
     could not run (bad usage, no such directory, no manifest, unreadable --against).
@@ -95,6 +115,7 @@ def verify(
 
         tpshard verify shards --mode distributed --json > report.json
     """
+    from tpshard.runtime.threads import for_shard_set
     from tpshard.verify.report import to_json
     from tpshard.verify.run import refuse_report_over_inputs, verify_shards
 
@@ -103,6 +124,7 @@ def verify(
     html = html.expanduser() if html else None
     if html is not None:  # before the run: a report written over an input would destroy it
         refuse_report_over_inputs(html, shards, against, tokenizer)
+    ctx.with_resource(for_shard_set(shards, mode is VerifyMode.distributed, threads))  # see runtime/threads.py
     with stderr.status("verifying") as status:
         report = verify_shards(
             shards,
@@ -116,6 +138,8 @@ def verify(
             rtol=rtol,
             seed=seed,
             tokenizer=tokenizer,
+            oracle=oracle.value if oracle else None,
+            comm=comm.value,
             progress=lambda step: status.update(step),
         )
     if as_json:
@@ -144,6 +168,8 @@ def render(out: Console, r: "Report") -> None:
     _integrity(out, r.integrity)
     _numerics(out, r.numerics)
     _communication(out, r.communication)
+    if r.oracle is not None:
+        _oracle(out, r.oracle)
     out.print()
     out.print(Text.assemble(PASS if r.passed else FAIL, "  ", r.summary))
 
@@ -159,7 +185,10 @@ def _header(out: Console, c: "Compared") -> None:
     out.print(Text.assemble(("tpshard verify ", "bold"), c.shards))
     facts = _facts()
     if c.tp_size is not None:
-        layout = f"tp {c.tp_size}, {c.dtype}" + (", vocab-parallel" if c.vocab_parallel else "")
+        grid = f"tp {c.tp_size}"
+        if c.pp_size and c.pp_size > 1 and c.stage_layers:
+            grid += f" x pp {c.pp_size} (blocks per stage {','.join(map(str, c.stage_layers))})"
+        layout = f"{grid}, {c.dtype}" + (", vocab-parallel" if c.vocab_parallel else "")
         facts.add_row("shards", layout)
     if c.model_args:
         a = c.model_args
@@ -169,7 +198,7 @@ def _header(out: Console, c: "Compared") -> None:
     facts.add_row("dense side", Text(f"{c.against} (--against)" if c.against else "the shard set merged in memory"))
     runs = {
         "simulated": "every rank in this process",
-        "distributed": f"one process per rank ({c.tp_size} processes, gloo)",
+        "distributed": f"one process per rank ({(c.tp_size or 0) * (c.pp_size or 1)} processes, {c.comm})",
     }
     facts.add_row("sharded side", f"{c.mode}: {runs[c.mode]}")
     if c.inputs is not None:
@@ -340,11 +369,50 @@ def _communication(out: Console, c: "Communication") -> None:
     table.add_row(
         "token: bytes reduced", f"{c.bytes_per_token_theory:,}", f"{c.bytes_per_token_measured:,.0f}", _tick(bytes_ok)
     )
+    if c.sends_theory is not None:
+        stages_ok = c.stage_reductions_measured == c.stage_reductions_theory
+        theory, seen = (" + ".join(map(str, n)) for n in (c.stage_reductions_theory, c.stage_reductions_measured))
+        table.add_row("forward: reductions by stage", theory, seen, _tick(stages_ok))
+        sends = "/".join(map(str, c.sends_measured))
+        sends_ok = c.sends_measured == [c.sends_theory]
+        table.add_row("forward: sends to the next stage", str(c.sends_theory), sends, _tick(sends_ok))
+        sent_ok = c.sent_bytes_per_token_measured == c.sent_bytes_per_token_theory
+        theory_sent, seen_sent = f"{c.sent_bytes_per_token_theory:,}", f"{c.sent_bytes_per_token_measured:,.0f}"
+        table.add_row("token: bytes sent between stages", theory_sent, seen_sent, _tick(sent_ok))
     out.print(table)
     out.print(Text(f"theory: {c.theory}", "dim"))
     if c.note:
         out.print(Text(c.note, "dim"))
     for problem in c.problems:
+        out.print(Text(problem, "red"))
+
+
+# --- the torch oracle ---------------------------------------------------------------------------------
+
+
+def _oracle(out: Console, o: "Oracle") -> None:
+    _part(out, 4, "torch oracle", o.passed, o.skipped)
+    if o.skipped:
+        out.print(Text(o.skipped, "yellow"))
+        return
+    facts = _facts()
+    facts.add_row("run", f"PyTorch {o.torch_version}, parallelize_module on {o.processes} processes ({o.backend})")
+    for module, style in o.plan.items():
+        facts.add_row(Text(module), Text(style))
+    out.print(facts)
+    table = Table()
+    table.add_column("torch's logits against")
+    table.add_column("max abs diff", justify="right")
+    table.add_column("outside the tolerance", justify="right")
+    table.add_column("")
+    for what, worst, outside in (
+        ("tpshard's sharded run", o.vs_sharded_max_abs, o.vs_sharded_outside),
+        ("the dense model", o.vs_dense_max_abs, o.vs_dense_outside),
+    ):
+        table.add_row(what, f"{worst:.3g}", f"{outside:,} of {o.logits_total:,}", _tick(not outside))
+    out.print(table)
+    out.print(Text(f"elementwise ≤ atol {o.atol:g} + rtol {o.rtol:g}·|reference logit|", "dim"))
+    for problem in o.problems:
         out.print(Text(problem, "red"))
 
 

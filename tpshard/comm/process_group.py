@@ -60,22 +60,26 @@ class ProcessGroupCollectives(Collectives):
         return token
 
     def _wait(self, start: Callable[[], dist.Work]) -> None:
-        """Run a collective to completion: a failure, or on CPU no answer within STEP_TIMEOUT,
-        becomes LostPeer."""
-        begin = time.perf_counter()
-        try:
-            work = start()
-            if self.device.type == "cuda":
-                work.wait()  # ordered on the stream; NCCL's watchdog enforces the group's timeout
-            elif self.poll:
-                deadline = time.monotonic() + STEP_TIMEOUT.total_seconds()
-                while not work.is_completed():
-                    if time.monotonic() > deadline:
-                        raise LostPeer(f"no answer from the other ranks in {STEP_TIMEOUT.seconds} s: one is stuck")
-                    os.sched_yield()
-                work.wait()
-            else:
-                work.wait(STEP_TIMEOUT)
-        except RuntimeError as e:
-            raise lost_peer(e) from None
-        self.seconds += time.perf_counter() - begin
+        self.seconds += complete(start, self.device, self.poll)
+
+
+def complete(start: Callable[[], dist.Work], device: torch.device, poll: bool) -> float:
+    """Run a collective (or a send, a receive) to completion and return the seconds it took: a
+    failure, or on CPU no answer within STEP_TIMEOUT, becomes LostPeer."""
+    begin = time.perf_counter()
+    try:
+        work = start()
+        if device.type == "cuda":
+            work.wait()  # ordered on the stream; NCCL's watchdog enforces the group's timeout
+        elif poll:
+            deadline = time.monotonic() + STEP_TIMEOUT.total_seconds()
+            while not work.is_completed():
+                if time.monotonic() > deadline:
+                    raise LostPeer(f"no answer from the other ranks in {STEP_TIMEOUT.seconds} s: one is stuck")
+                os.sched_yield()
+            work.wait()
+        else:
+            work.wait(STEP_TIMEOUT)
+    except RuntimeError as e:
+        raise lost_peer(e) from None
+    return time.perf_counter() - begin

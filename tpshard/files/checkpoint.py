@@ -2,6 +2,7 @@
 nanoGPT's names (lm_head tied to wte) and the training record that merge writes back; and the checks
 every reader applies to what a file claims."""
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ class Checkpoint:
 
     path: Path
     config: GPTConfig
-    state_dict: dict[str, torch.Tensor]
+    state_dict: Mapping[str, torch.Tensor]  # a dict; a merge's is a TensorSource, made one tensor at a time
     iter_num: int | None = None
     best_val_loss: float | None = None
     train_config: dict = field(default_factory=dict)

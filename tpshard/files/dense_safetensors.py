@@ -5,18 +5,20 @@ import json
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from tpshard.errors import TpshardError
 from tpshard.files.atomic import atomic_write
 from tpshard.files.checkpoint import Checkpoint, clean_state_dict, config_from_model_args, model_args, training_record
+from tpshard.files.tensorfile import Progress, layout_of, write_safetensors
 from tpshard.parallel.plan import TIED
 
 
-def save_safetensors(checkpoint: Checkpoint, path: Path) -> None:
+def save_safetensors(checkpoint: Checkpoint, path: Path, progress: Progress | None = None) -> None:
     """A dense safetensors file: nanoGPT's names (lm_head left out, it is wte), model_args and the
-    training bookkeeping in the metadata."""
-    state = {k: v.contiguous() for k, v in checkpoint.state_dict.items() if k not in TIED}
+    training bookkeeping in the metadata. Written one tensor at a time, each taken from
+    checkpoint.state_dict only when its turn comes (a merge's tensors are put together one by one)."""
+    tensors = checkpoint.state_dict
+    layout = [(name, dtype, shape) for name, dtype, shape in layout_of(tensors) if name not in TIED]
     metadata = {
         "format": "pt",
         "model_args": json.dumps(model_args(checkpoint.config)),
@@ -24,7 +26,11 @@ def save_safetensors(checkpoint: Checkpoint, path: Path) -> None:
         "best_val_loss": json.dumps(checkpoint.best_val_loss),
         "config": json.dumps(checkpoint.train_config),
     }
-    atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata=metadata))
+
+    def write(tmp: Path) -> None:
+        write_safetensors(tmp, layout, tensors.__getitem__, metadata, progress, sha256=False)
+
+    atomic_write(Path(path), write)
 
 
 def load_safetensors_checkpoint(path: Path) -> Checkpoint:

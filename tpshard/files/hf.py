@@ -7,18 +7,18 @@ mask buffers are not weights, a missing lm_head means tied to wte, and HF GPT-2 
 """
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from tpshard.config import GPTConfig
 from tpshard.errors import TpshardError
 from tpshard.files.atomic import atomic_directory
 from tpshard.files.checkpoint import Checkpoint, clean_state_dict, config_from_model_args
 from tpshard.files.nanogpt import read_checkpoint_file
+from tpshard.files.pages import drop_file_pages, shares_memory
+from tpshard.files.tensorfile import Layout, Progress, TensorSource, layout_of, write_safetensors
 from tpshard.parallel.plan import TIED
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -121,24 +121,52 @@ def hf_config(config: GPTConfig) -> dict:
     }
 
 
+def hf_tensors(checkpoint: Checkpoint) -> TensorSource:
+    """HF GPT-2 names and layouts (lm_head left out: HF ties it to wte), each tensor made from the
+    checkpoint's only when asked for (a Conv1D weight transposed then, its source's pages released)."""
+    source = checkpoint.state_dict
+    layout: Layout = []
+    origin: dict[str, tuple[str, bool]] = {}  # HF name -> (nanoGPT name, transposed); zero biases: ("", False)
+    for name, dtype, shape in layout_of(source):
+        if name in TIED:
+            continue
+        key, conv = name.removeprefix("transformer."), name.endswith(CONV1D)
+        shape = shape[::-1] if conv else shape
+        layout.append((key, dtype, shape))
+        origin[key] = (name, conv)
+        # HF GPT-2 always has biases; zeros compute the same function
+        if not checkpoint.config.bias and (conv or ".ln_" in key or key.startswith("ln_f.")):
+            bias = key.removesuffix("weight") + "bias"
+            layout.append((bias, dtype, shape[-1:]))
+            origin[bias] = ("", False)
+    kinds = {key: (dtype, shape) for key, dtype, shape in layout}
+
+    def make(key: str) -> torch.Tensor:
+        name, conv = origin[key]
+        if not name:
+            dtype, shape = kinds[key]
+            return torch.zeros(shape, dtype=dtype)
+        tensor = source[name]
+        out = (tensor.t() if conv else tensor).contiguous()
+        if not shares_memory(out, tensor):
+            drop_file_pages(tensor)  # copied: its pages are done with (a view's are dropped once written)
+        return out
+
+    return TensorSource(layout, make)
+
+
 def hf_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
-    """HF GPT-2 names and layouts (lm_head left out: HF ties it to wte)."""
-    state = {}
-    for name, tensor in checkpoint.state_dict.items():
-        if name not in TIED:
-            state[name.removeprefix("transformer.")] = (tensor.t() if name.endswith(CONV1D) else tensor).contiguous()
-    if not checkpoint.config.bias:  # HF GPT-2 always has biases; zeros compute the same function
-        for key in list(state):
-            if key.endswith(CONV1D) or ".ln_" in key or key.startswith("ln_f."):
-                weight = state[key]
-                state[key.removesuffix("weight") + "bias"] = weight.new_zeros(weight.shape[-1])
-    return state
+    """HF GPT-2 names and layouts (lm_head left out: HF ties it to wte), every tensor in memory."""
+    return dict(hf_tensors(checkpoint))
 
 
-def save_hf(checkpoint: Checkpoint, out_dir: Path, *, force: bool = False) -> None:
-    """config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained loads."""
-    state = hf_state_dict(checkpoint)
-    config = hf_config(checkpoint.config) | {"torch_dtype": str(checkpoint.dtype).removeprefix("torch.")}
+def save_hf(checkpoint: Checkpoint, out_dir: Path, *, force: bool = False, progress: Progress | None = None) -> None:
+    """config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained loads, the
+    weights written one tensor at a time (hf_tensors)."""
+    tensors = hf_tensors(checkpoint)
+    dtype = next(dtype for _, dtype, _ in tensors.layout)
+    config = hf_config(checkpoint.config) | {"torch_dtype": str(dtype).removeprefix("torch.")}
     with atomic_directory(Path(out_dir), force) as tmp:
-        save_file(state, os.fspath(tmp / "model.safetensors"), metadata={"format": "pt"})
+        weights = tmp / "model.safetensors"
+        write_safetensors(weights, tensors.layout, tensors.__getitem__, {"format": "pt"}, progress, sha256=False)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

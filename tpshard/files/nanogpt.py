@@ -1,12 +1,15 @@
-"""nanoGPT's ckpt.pt, as train.py writes it and sample.py reads it: safe, lazy loading and atomic saving.
+"""nanoGPT's ckpt.pt, as train.py writes it and sample.py reads it: safe, lazy loading and atomic,
+streamed saving.
 
 Loading never unpickles code (weights_only=True) and memory-maps the file, so the optimizer state,
-often twice the model's size, is never read from disk.
+often twice the model's size, is never read from disk. Saving writes torch.save's own file one tensor
+at a time (files/torchzip.py), so that a merge never holds the dense model.
 """
 
 import pickle
 import warnings
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,6 +17,8 @@ import torch
 from tpshard.errors import TpshardError, first_line
 from tpshard.files.atomic import atomic_write, file_status
 from tpshard.files.checkpoint import Checkpoint, clean_state_dict, config_from_model_args, model_args, training_record
+from tpshard.files.tensorfile import Progress, layout_of
+from tpshard.files.torchzip import Deferred, save_streamed
 from tpshard.parallel.plan import TIED
 
 
@@ -96,11 +101,14 @@ def load_nanogpt(path: Path) -> Checkpoint:
 
 def nanogpt_dict(checkpoint: Checkpoint) -> dict:
     """The ckpt.pt layout nanoGPT's train.py writes and sample.py reads (optimizer state not kept)."""
-    state = dict(checkpoint.state_dict)
+    return _nanogpt_dict(checkpoint, {name: t for name, t in checkpoint.state_dict.items() if name not in TIED})
+
+
+def _nanogpt_dict(checkpoint: Checkpoint, model: dict) -> dict:
     for tied, source in TIED.items():
-        state[tied] = state[source]  # one storage, saved once, as nanoGPT saves it
+        model[tied] = model[source]  # one storage, saved once, as nanoGPT saves it
     return {
-        "model": state,
+        "model": model,
         "optimizer": None,
         "model_args": model_args(checkpoint.config),
         "iter_num": checkpoint.iter_num,
@@ -109,5 +117,15 @@ def nanogpt_dict(checkpoint: Checkpoint) -> dict:
     }
 
 
-def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
-    atomic_write(Path(path), lambda tmp: torch.save(nanogpt_dict(checkpoint), tmp))
+def save_checkpoint(checkpoint: Checkpoint, path: Path, progress: Progress | None = None) -> None:
+    """nanoGPT's ckpt.pt, atomically, one tensor at a time: the file torch.save(nanogpt_dict(checkpoint))
+    writes, but each tensor taken from checkpoint.state_dict only when its record is written (so a
+    merge's tensors are put together one by one), and its pages released after (files/torchzip.py)."""
+    tensors = checkpoint.state_dict
+    model = {
+        name: Deferred(dtype, shape, partial(tensors.__getitem__, name))
+        for name, dtype, shape in layout_of(tensors)
+        if name not in TIED
+    }
+    record = _nanogpt_dict(checkpoint, model)
+    atomic_write(Path(path), lambda tmp: save_streamed(record, tmp, progress))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tpshard.errors import TpshardError
 from tpshard.files.checkpoint import Checkpoint
+from tpshard.files.dcp import is_dcp_directory, load_dcp
 from tpshard.files.dense_safetensors import load_safetensors_checkpoint
 from tpshard.files.hf import is_hf_directory, load_hf
 from tpshard.files.nanogpt import load_nanogpt
@@ -19,6 +20,7 @@ class Kind(StrEnum):
     MISSING = "nothing there"
     SHARD_SET = "shard directory"  # manifest.json inside
     HF_DIRECTORY = "Hugging Face GPT-2 directory"  # config.json inside
+    DCP_DIRECTORY = "PyTorch distributed checkpoint (DCP)"  # .metadata inside
     NANOGPT_OUT_DIR = "nanoGPT out_dir"  # ckpt.pt inside, as train.py writes it and sample.py reads it
     OTHER_DIRECTORY = "directory"
     RANK_FILE = "rank file"  # a .safetensors with tpshard's metadata
@@ -35,6 +37,8 @@ def kind_of(path: Path) -> Kind:
             return Kind.HF_DIRECTORY
         if (path / MANIFEST).is_file() or (path / MANIFEST).is_symlink():  # a broken link: ShardSet.open says so
             return Kind.SHARD_SET
+        if is_dcp_directory(path):
+            return Kind.DCP_DIRECTORY
         return Kind.NANOGPT_OUT_DIR if (path / NANOGPT_FILE).is_file() else Kind.OTHER_DIRECTORY
     if path.suffix == ".safetensors" and path.is_file():
         return Kind.RANK_FILE if _has_tpshard_metadata(path) else Kind.DENSE_SAFETENSORS
@@ -51,12 +55,14 @@ def _has_tpshard_metadata(path: Path) -> bool:
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """A dense checkpoint: a nanoGPT ckpt.pt or the out_dir that holds it, a dense .safetensors (`tpshard merge --format
-    safetensors`) or a Hugging Face GPT-2 directory; validated, tensors memory-mapped, optimizer state
+    safetensors`), a Hugging Face GPT-2 directory or a DCP directory; validated, tensors memory-mapped, optimizer state
     left on disk."""
     path = Path(path)
     kind = kind_of(path)
     if kind is Kind.HF_DIRECTORY:
         return load_hf(path)
+    if kind is Kind.DCP_DIRECTORY:
+        return load_dcp(path)
     if kind in (Kind.DENSE_SAFETENSORS, Kind.RANK_FILE):
         return load_safetensors_checkpoint(path)
     return load_nanogpt(checkpoint_file(path))  # which says what is wrong with anything else

@@ -6,16 +6,18 @@ any of it is trusted, and written all or nothing.
                                   shape, every file's grid position, size and sha256, and where the
                                   shards came from
       rank0-of-2.safetensors      rank 0's pieces; its own metadata says rank, tp size, format version
-      rank1-of-2.safetensors
+      rank1-of-2.safetensors      (rankR-of-W: W = tp x pp ranks; with stages, the metadata also says
+                                  pp size, stage and tp rank, and the manifest each stage's blocks)
       meta.pkl | tokenizer.tiktoken   the tokenizer, so that a shard set is self-contained: always under
                                   one of these two names, whatever the file was called (a char vocabulary
                                   as nanoGPT's sample.py names it, a BPE ranks file), and found through
                                   the manifest's "tokenizer"
 
-Format versions (see the README): version 1 is every set this tpshard writes. The grid ("grid", and
+Format versions (see the README): version 1 is a set of one pipeline stage. The grid ("grid", and
 each file's "stage" and "tp_rank") was added to version 1 as fields that earlier readers ignore; a
-version-1 manifest without them is a tp x 1 grid. A set that an earlier reader would misread (more
-than one pipeline stage) will carry a higher version.
+version-1 manifest without them is a tp x 1 grid. A set of several stages is version 2 (an earlier
+reader would misread it: not every file holds every tensor): it adds "stages", each stage's blocks,
+and the last stage's copy of the tied embedding, lm_head.weight, to the tensor table.
 """
 
 import json
@@ -42,10 +44,11 @@ from tpshard.files.tensorfile import (
     write_safetensors,
 )
 from tpshard.parallel import plan
-from tpshard.parallel.grid import ParallelDims
+from tpshard.parallel.grid import ParallelDims, Stages
 
 FORMAT = "tpshard"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # one stage
+PIPELINE_FORMAT_VERSION = 2  # several stages
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20  # a 1000-layer model's manifest is about 1 MB
 # The names a shipped tokenizer gets (never the user's: a tokenizer called rank0-of-2.safetensors or
@@ -55,8 +58,8 @@ BPE_TOKENIZER = "tokenizer.tiktoken"  # a tiktoken ranks file
 SHIPPED_TOKENIZERS = (CHAR_TOKENIZER, BPE_TOKENIZER)
 
 
-def rank_file_name(rank: int, tp_size: int) -> str:
-    return f"rank{rank}-of-{tp_size}.safetensors"
+def rank_file_name(rank: int, world_size: int) -> str:
+    return f"rank{rank}-of-{world_size}.safetensors"
 
 
 @dataclass
@@ -70,10 +73,20 @@ class Manifest:
     tokenizer: str | None = None
     format_version: int = FORMAT_VERSION
     vocab_parallel: bool = False
+    stages: Stages | None = None  # None: one stage, every block
+
+    def __post_init__(self) -> None:
+        self.stages = self.stages or Stages.one(self.config.n_layer)
+        self.format_version = PIPELINE_FORMAT_VERSION if self.grid.pp > 1 else self.format_version
 
     @property
     def tp_size(self) -> int:
         return self.grid.tp
+
+    @property
+    def stage_plan(self) -> Stages:
+        assert self.stages is not None
+        return self.stages
 
     def to_json(self) -> dict:
         return {
@@ -90,13 +103,25 @@ class Manifest:
             "files": self.files,
             "tokenizer": self.tokenizer,
             "source": self.source,
-        }
+        } | ({"stages": self._stages_json()} if self.grid.pp > 1 else {})
 
-    def layout(self) -> Layout:
-        """Every rank file's tensors: name, dtype and piece shape (the same for every rank)."""
+    def _stages_json(self) -> list[dict]:
         return [
-            (name, self.dtype, plan.piece_shape(name, tuple(t["shape"]), self.tp_size, self.vocab_parallel))
-            for name, t in self.tensors.items()
+            {"stage": s, "layers": [blocks.start, blocks.stop], "ranks": self.grid.tp_group(self.grid.rank(s, 0))}
+            for s, blocks in ((s, self.stage_plan.blocks(s)) for s in range(self.grid.pp))
+        ]
+
+    def stage_tensors(self, stage: int) -> list[str]:
+        """The tensors a stage's rank files hold, in the table's order."""
+        return [name for name in self.tensors if plan.stage_of(name, self.stage_plan) == stage]
+
+    def layout(self, rank: int = 0) -> Layout:
+        """A rank file's tensors: name, dtype and piece shape (the same for every rank of a stage)."""
+        stage, _ = self.grid.coordinates(rank)
+        shape = lambda name: tuple(self.tensors[name]["shape"])  # noqa: E731
+        return [
+            (name, self.dtype, plan.piece_shape(name, shape(name), self.tp_size, self.vocab_parallel))
+            for name in self.stage_tensors(stage)
         ]
 
     @property
@@ -115,11 +140,13 @@ class Manifest:
         return plan.unshard(name, pieces, self.vocab_parallel, self.config.vocab_size)
 
     def dense_bytes(self) -> int:
-        return sum(self.dtype.itemsize * int(torch.Size(t["shape"]).numel()) for t in self.tensors.values())
+        """The dense model's bytes (the last stage's copy of the tied embedding left out)."""
+        tensors = (t for name, t in self.tensors.items() if name not in plan.TIED)
+        return sum(self.dtype.itemsize * int(torch.Size(t["shape"]).numel()) for t in tensors)
 
 
-def tensor_table(config: GPTConfig, vocab_parallel: bool = False) -> dict[str, dict]:
-    shapes = plan.dense_shapes(config)
+def tensor_table(config: GPTConfig, vocab_parallel: bool = False, pp: int = 1) -> dict[str, dict]:
+    shapes = plan.stored_shapes(config, pp)
     return {
         name: {"rule": plan.rule_for(name, vocab_parallel).value, "shape": list(shape)}
         for name, shape in shapes.items()
@@ -147,15 +174,17 @@ def write_shard_set(
         manifest.files = []
         for rank in range(manifest.grid.world_size):
             stage, tp_rank = manifest.grid.coordinates(rank)
-            name = rank_file_name(rank, manifest.tp_size)
+            name = rank_file_name(rank, manifest.grid.world_size)
             metadata = {
                 "format": FORMAT,
-                "format_version": str(FORMAT_VERSION),
+                "format_version": str(manifest.format_version),
                 "rank": str(rank),
                 "tp_size": str(manifest.tp_size),
             }
+            if manifest.grid.pp > 1:
+                metadata |= {"pp_size": str(manifest.grid.pp), "stage": str(stage), "tp_rank": str(tp_rank)}
             produce = lambda n, r=rank: piece(n, r)  # noqa: E731
-            digest = write_safetensors(tmp / name, manifest.layout(), produce, metadata, progress)
+            digest = write_safetensors(tmp / name, manifest.layout(rank), produce, metadata, progress)
             size = (tmp / name).stat().st_size
             manifest.files.append(
                 {"rank": rank, "stage": stage, "tp_rank": tp_rank, "file": name, "bytes": size, "sha256": digest}
@@ -206,7 +235,14 @@ def _check_text(data: object, where: Path) -> None:
 
 
 # where split and reshard record them (merge reads the training record back through training_record)
-SOURCE_FIELDS = {"file": str, "sha256": str, "source_dtype": str, "optimizer_left_out": bool, "resharded_from_tp": int}
+SOURCE_FIELDS = {
+    "file": str,
+    "sha256": str,
+    "source_dtype": str,
+    "optimizer_left_out": bool,
+    "resharded_from_tp": int,
+    "resharded_from_pp": int,
+}
 
 
 def _check_source(source: dict, where: Path) -> None:
@@ -220,18 +256,38 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _grid(data: dict, tp_size: int, where: Path) -> ParallelDims:
+def _grid(data: dict, tp_size: int, version: int, where: Path) -> ParallelDims:
     """The grid a manifest records; a manifest written before grids were recorded is tp x 1."""
     grid = data.get("grid", {"tp": tp_size, "pp": 1})
     _require(isinstance(grid, dict), where, "'grid' is not an object")
     tp, pp = grid.get("tp"), grid.get("pp")
     _require(_is_int(tp) and _is_int(pp), where, f"grid {grid!r}")
     _require(tp == tp_size, where, f"grid tp {tp} but tp_size {tp_size}")
-    if pp != 1:
-        raise TpshardError(
-            f"{where}: a grid of {pp} pipeline stages; this tpshard reads tensor-parallel sets only (pp 1)"
-        )
+    _require(pp >= 1, where, f"grid pp {pp}")
+    _require(pp == 1 or version >= PIPELINE_FORMAT_VERSION, where, f"{pp} pipeline stages in a version {version} set")
+    _require(pp > 1 or version == FORMAT_VERSION, where, f"a version {version} set of one pipeline stage")
     return ParallelDims(tp, pp)
+
+
+def _stages(data: dict, grid: ParallelDims, config: GPTConfig, where: Path) -> Stages:
+    """Each stage's blocks: contiguous, in order, at least one each, every block once."""
+    if grid.pp == 1:
+        return Stages.one(config.n_layer)
+    stages = data.get("stages")
+    _require(isinstance(stages, list) and len(stages) == grid.pp, where, f"'stages' does not list {grid.pp} stages")
+    end = 0
+    layers = []
+    for s, entry in enumerate(stages):
+        _require(isinstance(entry, dict) and entry.get("stage") == s, where, f"stages[{s}] is not stage {s}")
+        blocks = entry.get("layers")
+        ok = isinstance(blocks, list) and len(blocks) == 2 and all(_is_int(b) for b in blocks)
+        _require(ok and blocks[0] == end and blocks[1] > end, where, f"stages[{s}] layers {blocks!r} after layer {end}")
+        ranks = entry.get("ranks")
+        _require(ranks == grid.tp_group(grid.rank(s, 0)), where, f"stages[{s}] ranks {ranks!r}")
+        layers.append(blocks[1] - blocks[0])
+        end = blocks[1]
+    _require(end == config.n_layer, where, f"the stages hold {end} layers, the model has {config.n_layer}")
+    return Stages(tuple(layers))
 
 
 def parse_manifest(data: object, where: Path) -> Manifest:
@@ -240,10 +296,10 @@ def parse_manifest(data: object, where: Path) -> Manifest:
     assert isinstance(data, dict)
     _require(data.get("format") == FORMAT, where, f"format is {data.get('format')!r}, expected {FORMAT!r}")
     version = data.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:  # not True, which equals 1
+    if type(version) is not int or version not in (FORMAT_VERSION, PIPELINE_FORMAT_VERSION):  # not True (== 1)
         raise TpshardError(
-            f"{where}: shard format version {version!r} is not supported (this tpshard reads version "
-            f"{FORMAT_VERSION}); use a matching tpshard or re-split"
+            f"{where}: shard format version {version!r} is not supported (this tpshard reads versions "
+            f"{FORMAT_VERSION} and {PIPELINE_FORMAT_VERSION}); use a matching tpshard or re-split"
         )
     for key, kind in (("tp_size", int), ("model_args", dict), ("dtype", str), ("tensors", dict), ("files", list)):
         _require(isinstance(data.get(key), kind), where, f"'{key}' missing or not a {kind.__name__}")
@@ -253,16 +309,17 @@ def parse_manifest(data: object, where: Path) -> Manifest:
     config = config_from_model_args(data["model_args"], where)
     divides = config.n_head % tp_size == 0 and 4 * config.n_embd % tp_size == 0
     _require(divides, where, f"tp_size {tp_size} does not divide n_head={config.n_head} and 4*n_embd")
-    grid = _grid(data, tp_size, where)
+    grid = _grid(data, tp_size, version, where)
     vocab_parallel = data.get("vocab_parallel", False)
     _require(isinstance(vocab_parallel, bool), where, f"vocab_parallel {vocab_parallel!r}")
     # before the table is built: a forged n_layer=10**9 would make it a billion entries
     enough = len(data["tensors"]) >= MIN_TENSORS_PER_LAYER * config.n_layer
     _require(enough, where, f"n_layer={config.n_layer} but {len(data['tensors'])} tensors listed")
-    expected = tensor_table(config, vocab_parallel)
+    expected = tensor_table(config, vocab_parallel, grid.pp)
     _require(data["tensors"] == expected, where, "tensor table disagrees with model_args and the split rules")
+    stages = _stages(data, grid, config, where)
     files = data["files"]
-    _require(len(files) == grid.world_size, where, f"{len(files)} files listed for tp_size {tp_size}")
+    _require(len(files) == grid.world_size, where, f"{len(files)} files listed for a grid of {grid.world_size} ranks")
     for rank, entry in enumerate(files):
         _check_file_entry(entry, rank, grid, where)
     names = [entry["file"] for entry in files]
@@ -275,7 +332,8 @@ def parse_manifest(data: object, where: Path) -> Manifest:
     _check_source(source, where)
     training_record(source, where)  # what merge writes back into the checkpoint: the same checks as a ckpt.pt's
     _check_text(data, where)  # last: its size is bounded by the checks above (one entry per rank, ...)
-    return Manifest(grid, config, DTYPES[data["dtype"]], expected, files, source, tokenizer, version, vocab_parallel)
+    dtype = DTYPES[data["dtype"]]
+    return Manifest(grid, config, dtype, expected, files, source, tokenizer, version, vocab_parallel, stages)
 
 
 def _check_file_entry(entry: object, rank: int, grid: ParallelDims, where: Path) -> None:
@@ -351,11 +409,14 @@ class ShardSet:
 
     def _check_header(self, f, path: Path, rank: int) -> None:
         meta = f.metadata() or {}
-        if meta.get("format") != FORMAT or meta.get("tp_size") != str(self.tp_size):
-            raise TpshardError(f"{path}: not a rank file of this {self.tp_size}-way shard set (metadata {meta})")
+        grid = self.manifest.grid
+        pp = meta.get("pp_size", "1")
+        if meta.get("format") != FORMAT or meta.get("tp_size") != str(self.tp_size) or pp != str(grid.pp):
+            what = f"{self.tp_size}-way" if grid.pp == 1 else f"tp {grid.tp} x pp {grid.pp}"
+            raise TpshardError(f"{path}: not a rank file of this {what} shard set (metadata {meta})")
         if meta.get("rank") != str(rank):
             raise TpshardError(f"{path}: holds rank {meta.get('rank')}, expected rank {rank} (files swapped?)")
-        layout = {name: (dtype, shape) for name, dtype, shape in self.manifest.layout()}
+        layout = {name: (dtype, shape) for name, dtype, shape in self.manifest.layout(rank)}
         if set(f.keys()) != set(layout):
             raise TpshardError(f"{path}: its tensors differ from the manifest's")
         for name, (dtype, shape) in layout.items():
@@ -369,9 +430,11 @@ class ShardSet:
         return read_tensors(self.rank_path(rank))
 
     def load_pieces(self, ranks: list[int], *, checksum: bool = True) -> dict[str, list[torch.Tensor]]:
-        """Every tensor's pieces of the given ranks, in rank order."""
+        """Every tensor the given ranks hold, with its pieces of those ranks in rank order (a stage's
+        tensors come from that stage's ranks only)."""
         loaded = [self.load_rank(r, checksum=checksum) for r in ranks]
-        return {name: [rank[name] for rank in loaded] for name in self.manifest.tensors}
+        pieces = {name: [rank[name] for rank in loaded if name in rank] for name in self.manifest.tensors}
+        return {name: found for name, found in pieces.items() if found}
 
 
 def rank_file_identity(path: Path) -> tuple[int, int, str] | None:

@@ -1,12 +1,12 @@
 """safetensors files: the dtype table, a streaming writer that hashes as it writes, reading headers,
-and sha256 of files."""
+sha256 of files, and TensorSource: tensors made one at a time, for the writers that stream."""
 
 import hashlib
 import json
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tpshard.errors import TpshardError
+from tpshard.files.pages import drop_file_pages, trim_free_memory
 
 # The one dtype table: the name tpshard uses (manifest, --dtype, reports), torch's dtype, safetensors' code.
 _TABLE = (
@@ -31,6 +32,35 @@ NAMES_BY_CODE = {code: name for name, _, code in _TABLE}
 CHUNK = 8 << 20
 Progress = Callable[[int], None]  # called with the number of bytes just done
 Layout = list[tuple[str, torch.dtype, tuple[int, ...]]]  # a file's tensors: name, dtype, shape, in order
+
+
+class TensorSource(Mapping[str, torch.Tensor]):
+    """Named tensors, each made only when it is asked for and kept by no one here: a shard set's dense
+    tensors put together from their pieces, say. Their names, dtypes and shapes (the layout) are known
+    without making any, so that a writer can lay out its file first and then take them one by one."""
+
+    def __init__(self, layout: Layout, make: Callable[[str], torch.Tensor]):
+        self.layout = layout
+        self._make = make
+        self._names = {name: None for name, _, _ in layout}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._make(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def layout_of(tensors: Mapping[str, torch.Tensor]) -> Layout:
+    """Each tensor's name, dtype and shape, in order; a TensorSource's without making any."""
+    if isinstance(tensors, TensorSource):
+        return tensors.layout
+    return [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
 
 
 def sha256_file(path: Path, progress: Progress | None = None) -> str:
@@ -74,11 +104,16 @@ def write_safetensors(
     produce: Callable[[str], torch.Tensor],
     metadata: dict[str, str],
     progress: Progress | None = None,
-) -> str:
-    """Write a safetensors file one tensor at a time and return its sha256.
+    *,
+    sha256: bool = True,
+) -> str | None:
+    """Write a safetensors file one tensor at a time, and return its sha256 (None when sha256=False:
+    a dense output, which nothing records the hash of).
 
     Hand-written because safetensors' save_file takes every tensor of a file at once (a whole rank in
-    memory) and cannot hash while it writes; the format itself is a JSON header and raw bytes.
+    memory) and cannot hash while it writes; the format itself is a JSON header and raw bytes. Each
+    tensor's memory-mapped pages (a piece that is a view of its source) are dropped once it is written
+    and hashed, so that the process holds about one tensor, not the file.
     """
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
@@ -89,25 +124,38 @@ def write_safetensors(
         offset += size
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # align the data, as safetensors does
-    digest = hashlib.sha256()
+    digest = hashlib.sha256() if sha256 else None
     prefix = struct.pack("<Q", len(header_bytes)) + header_bytes
     # hashing runs on a second thread, one tensor behind the writing (hashlib releases the GIL)
     with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as hasher:
         f.write(prefix)
-        hashed = hasher.submit(digest.update, prefix)
+        hashed = hasher.submit(digest.update, prefix) if digest else None
+        hashing: torch.Tensor | None = None  # the tensor the hasher is reading
         for name, dtype, shape in layout:
             tensor = produce(name)
             assert tensor.dtype == dtype and tuple(tensor.shape) == tuple(shape), name
             data = tensor.contiguous().view(-1).view(torch.uint8).numpy()
             f.write(data)
-            hashed.result()  # keeps the updates in order and at most two tensors alive
-            hashed = hasher.submit(digest.update, data)
+            size = data.nbytes
             if progress:
-                progress(data.nbytes)
-        hashed.result()
+                progress(size)
+            if hashed is not None:
+                hashed.result()  # keeps the updates in order and at most two tensors alive
+            if hashing is not None:
+                drop_file_pages(hashing)  # written and hashed
+            if digest is not None:
+                hashed, hashing = hasher.submit(digest.update, data), tensor
+            else:
+                drop_file_pages(tensor)
+            del tensor, data  # before the next is made: the allocator reuses its memory
+            trim_free_memory(size)
+        if hashed is not None:
+            hashed.result()
+        if hashing is not None:
+            drop_file_pages(hashing)
         f.flush()
         os.fsync(f.fileno())
-    return digest.hexdigest()
+    return digest.hexdigest() if digest else None
 
 
 @contextmanager

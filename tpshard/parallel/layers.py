@@ -1,7 +1,42 @@
 """The parallel layers: what one process computes of a layer for the tensor-parallel ranks it hosts,
 and where it calls the collectives (tpshard.comm). Each layer holds its local ranks' slices side by
 side, rank-major, so the same layers serve dense (one rank), simulated (all) and distributed (one of N).
+
+Decoding on a CPU is bound by reading the weights: a step multiplies one token's activations (a few
+rows) by every weight matrix once. How fast a matrix streams depends on its memory layout and on the
+kernel. GB/s on GPT-2 124M's five decode shapes, float32, this project's 2-core machine (the range over
+the shapes; benchmarks/bench_decode.py --kernels; a plain read of the same tensors: 19-29 GB/s on one
+thread, 26-46 on two):
+
+                                              1 row, 1 thread   1 row, 2 threads   8 rows, 2 threads
+    F.linear, nn.Linear's [out, in]                13-20             13-20               7-12
+    F.linear, the weight copied [in, out]          15-21             14-23               7-9
+    [in, out] cut in one block of rows per
+      thread, one batched product (torch.bmm)        -               24-35              11-15
+    oneDNN matmul on the plain weight              15-20             22-31              14-20
+    oneDNN prepacked (an opaque copy)              16-22             19-31              20-26
+    torch.compile, inductor freezing                 -               13-22               6-7
+    `linear` on the decode layout                  15-23             20-39              14-20
+
+MKL's product runs on one thread whatever the thread count, and its dot-product form (nn.Linear's
+layout) is slow unless the rows are long (mlp.c_proj's 3072). So `decode_layout` stores a weight
+[in, out] when out > in (c_attn, c_fc, lm_head; attn.c_proj when split), and keeps nn.Linear's [out, in]
+otherwise (mlp.c_proj; a square attn.c_proj, as fast either way). The parameter stays the [out, in]
+tensor it was, a transposed view of the new storage: the same names, shapes and values in
+state_dict(), only the strides differ. `linear` then takes, for a float32 decode step on a CPU, the
+block split over the threads (MKL's product on one thread) for one row times an [in, out] weight, and
+oneDNN's matmul on the plain weight otherwise (an [out, in] weight, or 2 to DECODE_ROWS rows).
+
+Left out: oneDNN's prepacked weights are faster at 8 rows and in bfloat16 (1.5x), but they are an opaque
+tensor the parameter would have to keep beside it: twice the memory. torch.compile is slower and
+compiles in every process. bfloat16 and float16 stay on F.linear (oneDNN already; the layout is neutral
+there, within 5%). A prefill (more than DECODE_ROWS rows) is an ordinary matrix product, as fast in
+either layout.
 """
+
+import ctypes
+import mmap
+import sys
 
 import torch
 import torch.nn as nn
@@ -10,8 +45,65 @@ from torch.nn import functional as F
 from tpshard.comm.collectives import Collectives
 from tpshard.parallel import plan
 
+# Up to this many rows (batch x new tokens) a linear layer is a decode step, streaming its weight.
+DECODE_ROWS = 8
+DECODE_DTYPES = (torch.float32,)  # bfloat16 and float16 products already go to oneDNN; the split gains nothing
+try:  # oneDNN's matmul on a plain strided weight (no prepacking): what F.linear runs for bfloat16
+    _onednn_linear = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+except (AttributeError, RuntimeError):
+    _onednn_linear = None
 
-class ColumnParallelLinear(nn.Linear):
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for weight [out, in] in either memory layout. A float32 decode step
+    on a CPU takes the kernel that streams the weight fastest (see the module's docstring): for one
+    row times an [in, out]-stored weight MKL's product, split over the threads; else oneDNN's."""
+    rows = x.numel() // max(1, x.size(-1))
+    if rows > DECODE_ROWS or x.device.type != "cpu" or weight.dtype not in DECODE_DTYPES:
+        return F.linear(x, weight, bias)
+    if rows == 1 and _transposed(weight):
+        parts = torch.get_num_threads()
+        y = _split_linear(x.reshape(1, x.size(-1)), weight, parts) if parts > 1 else None
+        if y is None:
+            return F.linear(x, weight, bias)
+        y = y.view(*x.shape[:-1], y.size(-1))
+        return y if bias is None else y + bias
+    if _onednn_linear is None or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return F.linear(x, weight, bias)  # (oneDNN's op has no backward)
+    return _onednn_linear(x, weight, bias, "none", [], "")
+
+
+def _split_linear(x: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor | None:
+    """x [M, in] times weight.T, the stored matrix cut into `parts` contiguous blocks of rows, one
+    per thread; None when it does not cut evenly (or the layout is neither of decode_layout's)."""
+    out, inp = weight.shape
+    M = x.size(0)
+    if _transposed(weight):  # stored [in, out]: each block is a slice of the inputs, the partial sums add up
+        if inp % parts:
+            return None
+        blocks = weight.t().view(parts, inp // parts, out)
+        return torch.bmm(x.view(M, parts, inp // parts).transpose(0, 1), blocks).sum(0)
+    if weight.stride(1) == 1 and weight.stride(0) == inp:  # stored [out, in]: each block is a slice of the outputs
+        if out % parts:
+            return None
+        blocks = weight.view(parts, out // parts, inp).transpose(1, 2)
+        return torch.bmm(x.expand(parts, M, inp), blocks).transpose(0, 1).reshape(M, out)
+    return None
+
+
+def _transposed(weight: torch.Tensor) -> bool:
+    """Whether weight [out, in] is a view of [in, out] rows (contiguous or a column slice of them)."""
+    return weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) >= weight.size(0) and weight.size(1) > 1
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear`: the output layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(Linear):
     """Each local rank computes its own output columns (heads, hidden units): no communication."""
 
 
@@ -26,10 +118,11 @@ class RowParallelLinear(nn.Linear):
     def forward(self, x: torch.Tensor, comm: Collectives) -> torch.Tensor:  # type: ignore[override]
         """x [B, T, R, k] holds each local rank's input slice; weight [C, R*k] their row slices."""
         B, T, R, k = x.shape
-        if R == 1:  # one rank: a plain matmul, same kernel as nanoGPT's
-            partials = F.linear(x.view(B, T, k), self.weight).unsqueeze(0)  # [1, B, T, C]
-        else:
-            partials = torch.einsum("btrk,crk->rbtc", x, self.weight.view(-1, R, k))  # [R, B, T, C]
+        if R == 1:  # one rank: a plain matmul
+            partials = linear(x.view(B, T, k), self.weight).unsqueeze(0)  # [1, B, T, C]
+        else:  # rank r: x[..., r, :] times its rows of weight.T, [k, C] each; one product per rank (threads)
+            per_rank = self.weight.t().view(R, k, -1)  # [R, k, C], in either layout (a view)
+            partials = torch.bmm(x.reshape(B * T, R, k).transpose(0, 1), per_rank).view(R, B, T, -1)
         out = comm.reduce_partials(partials)
         return out if self.bias is None else out + self.bias  # bias once, after the reduction
 
@@ -76,6 +169,105 @@ class VocabParallelHead(nn.Module):
         self.rows = plan.vocab_slice(weight.size(0), world_size)  # padded up: the last rank's share may be shorter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mine = F.linear(x, self.weight[self.rank * self.rows : (self.rank + 1) * self.rows])
+        mine = linear(x, self.weight[self.rank * self.rows : (self.rank + 1) * self.rows])
         mine = F.pad(mine, (0, self.rows - mine.size(-1)))  # [B, T, rows]
         return self.comm.gather_logits(mine)[..., : self.weight.size(0)]  # [B, T, V]
+
+
+# --- the decode layout ----------------------------------------------------------------------------
+
+
+def decode_layout(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Store each linear layer's weight with its longer dimension contiguous (see the module's
+    docstring): a weight [out, in] with out > in becomes a transposed view of a new [in, out]
+    tensor, and everything that shared the old parameter (the tied embedding) shares the new one.
+    The old copy's memory is let go as the new one fills, so that the weights are held once, not twice:
+
+    - memory-mapped from a file (copy-on-write, never written): its pages are dropped from this
+      process as soon as they are copied, CHUNK_BYTES at a time (MADV_DONTNEED: read again, they
+      come back from the file as they were);
+    - in memory of its own (a merge of rank pieces, a cast): state_dict's entries for it, the
+      caller's references, are replaced by the new tensor (equal values and shape), and it is freed
+      once nothing else holds it; the largest go first.
+
+    Weights already in that layout, or on another device than the CPU, are left as they are."""
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
+    for old in sorted(weights.values(), key=lambda w: -w.numel()):
+        out, inp = old.shape
+        if old.device.type != "cpu" or out <= inp or _transposed(old) or not old.is_contiguous():
+            continue
+        mapped = backed_by_file(old)
+        new = nn.Parameter(_transposed_copy(old, drop=mapped), requires_grad=old.requires_grad)
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is old:
+                    setattr(module, name, new)
+        if not mapped and state_dict is not None:
+            for key, t in state_dict.items():
+                if t.data_ptr() == old.data_ptr() and t.shape == old.shape and t.stride() == old.stride():
+                    state_dict[key] = new.detach()
+
+
+CHUNK_BYTES = 8 << 20
+
+
+def _transposed_copy(weight: torch.Tensor, drop: bool) -> torch.Tensor:
+    """weight [out, in] as a view of a new [in, out] tensor, copied CHUNK_BYTES of weight's rows at a
+    time; drop: each chunk's pages are dropped once copied."""
+    out, inp = weight.shape
+    stored = torch.empty(inp, out, dtype=weight.dtype)
+    step = max(1, CHUNK_BYTES // (inp * weight.element_size()))
+    with torch.no_grad():
+        for first in range(0, out, step):
+            rows = weight[first : first + step]
+            stored[:, first : first + step].copy_(rows.t())
+            if drop:
+                _madvise_dontneed(rows)
+    return stored.t()
+
+
+MADV_DONTNEED = 4
+_SWAPPED, _FILE = 1 << 62, 1 << 61  # /proc/self/pagemap's bits (bit 63, present: the sign)
+
+
+def backed_by_file(tensor: torch.Tensor) -> bool:
+    """Whether a contiguous CPU tensor's memory holds no data of its own: each of its pages is not
+    present, or backed by a file (or the shared zero page); none was written since it was mapped
+    (copy-on-write: anonymous memory) or swapped out. Dropping such pages loses nothing. Linux, where
+    /proc/self/pagemap says; False elsewhere."""
+    if sys.platform != "linux" or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return False
+    start, end = _pages(tensor)
+    if end <= start:
+        return False
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(start // mmap.PAGESIZE * 8)
+            raw = f.read((end - start) // mmap.PAGESIZE * 8)
+    except OSError:
+        return False
+    entries = torch.frombuffer(bytearray(raw), dtype=torch.int64)
+    if entries.numel() != (end - start) // mmap.PAGESIZE:
+        return False
+    present, swapped, file = entries < 0, (entries & _SWAPPED) != 0, (entries & _FILE) != 0
+    return not bool((swapped | (present & ~file)).any())
+
+
+def drop_file_pages(tensor: torch.Tensor) -> bool:
+    """Drop a tensor's pages from this process if it is backed_by_file; True if they were."""
+    return backed_by_file(tensor) and _madvise_dontneed(tensor)
+
+
+def _pages(tensor: torch.Tensor) -> tuple[int, int]:
+    """The whole pages inside a contiguous tensor's bytes: [start, end) addresses."""
+    page, first = mmap.PAGESIZE, tensor.data_ptr()
+    return -(-first // page) * page, (first + tensor.numel() * tensor.element_size()) // page * page
+
+
+def _madvise_dontneed(tensor: torch.Tensor) -> bool:
+    start, end = _pages(tensor)
+    if end <= start:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc.madvise(start, end - start, MADV_DONTNEED) == 0

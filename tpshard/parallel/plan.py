@@ -13,16 +13,25 @@ Each row-parallel layer ends in a reduction of the ranks' partial sums: the sync
 vocab_parallel (Megatron's VocabParallelEmbedding), wte (and so the tied lm_head) is split by
 vocabulary rows instead, padded with zero rows to a multiple of N: one more reduction sums the
 embeddings, and the vocab-sliced logits are gathered.
+
+Pipeline stages (grid.Stages) each hold their blocks; stage 0 also wte and wpe, the last stage ln_f
+and, when there is more than one stage, its own copy of the tied embedding as lm_head.weight (as
+Megatron does: the first and last stages are different processes). Stage s hands the residual
+stream [B, T, C] to stage s+1: one point-to-point send per tensor-parallel rank and boundary.
 """
 
+import math
 from enum import StrEnum
 
 import torch
 
 from tpshard.config import GPTConfig
+from tpshard.parallel.grid import Stages
 
 EMBEDDING = "transformer.wte.weight"
-TIED = {"lm_head.weight": EMBEDDING}  # stored once, under the embedding's name
+OUTPUT = "lm_head.weight"
+TIED = {OUTPUT: EMBEDDING}  # stored once, under the embedding's name (twice across pipeline stages)
+FIRST_STAGE = ("transformer.wte.weight", "transformer.wpe.weight")
 
 
 class Rule(StrEnum):
@@ -52,7 +61,7 @@ ROLES = {"attn.c_proj": "attention", "mlp.c_proj": "the MLP"}
 
 def rule_for(name: str, vocab_parallel: bool = False) -> Rule:
     """The rule of one stored tensor, by its nanoGPT name."""
-    if vocab_parallel and name == EMBEDDING:
+    if vocab_parallel and name in (EMBEDDING, OUTPUT):
         return Rule.VOCAB
     for module, rule in BLOCK_PLAN.items():
         if name.endswith(f".{module}.weight"):
@@ -97,6 +106,39 @@ def dense_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
         shapes |= layer(f"{h}.ln_1", C) | layer(f"{h}.attn.c_attn", 3 * C, C) | layer(f"{h}.attn.c_proj", C, C)
         shapes |= layer(f"{h}.ln_2", C) | layer(f"{h}.mlp.c_fc", 4 * C, C) | layer(f"{h}.mlp.c_proj", C, 4 * C)
     return shapes | layer("transformer.ln_f", C)
+
+
+def stored_shapes(config: GPTConfig, pp: int = 1) -> dict[str, tuple[int, ...]]:
+    """The dense shape of every tensor a shard set stores: dense_shapes, plus the last stage's copy
+    of the tied embedding when there are several stages."""
+    shapes = dense_shapes(config)
+    return shapes | {OUTPUT: shapes[EMBEDDING]} if pp > 1 else shapes
+
+
+def stage_of(name: str, stages: Stages) -> int:
+    """The pipeline stage that holds a stored tensor."""
+    if name in FIRST_STAGE:
+        return 0
+    if name.startswith("transformer.h."):
+        return stages.stage_of(int(name.split(".")[2]))
+    return stages.pp - 1  # ln_f, lm_head
+
+
+def balanced_stages(config: GPTConfig, pp: int, tp: int = 1, vocab_parallel: bool = False) -> Stages:
+    """pp stages whose ranks' largest holds the fewest bytes (grid.Stages.balanced), weighing each
+    tensor by the values of one rank's piece (a replicated embedding weighs more against the blocks
+    as tp grows): the same proportions in every dtype."""
+    shapes = stored_shapes(config, pp)
+    size = {name: math.prod(piece_shape(name, shape, tp, vocab_parallel)) for name, shape in shapes.items()}
+    block = sum(n for name, n in size.items() if name.startswith("transformer.h.0."))
+    first = sum(size[name] for name in FIRST_STAGE)
+    last = sum(n for name, n in size.items() if name not in FIRST_STAGE and not name.startswith("transformer.h."))
+    return Stages.balanced(config.n_layer, pp, block, first, last)
+
+
+def stage_sync_points(config: GPTConfig, stages: Stages, stage: int, vocab_parallel: bool = False) -> int:
+    """Reductions per forward inside one stage's tensor-parallel group."""
+    return len(stages.blocks(stage)) * len(block_sync_points()) + int(vocab_parallel and stage == 0)
 
 
 def vocab_slice(vocab_size: int, tp_size: int) -> int:
@@ -147,10 +189,12 @@ def join_local_ranks(name: str, pieces: list[torch.Tensor], vocab_parallel: bool
 
 
 def local_state_dict(pieces: dict[str, list[torch.Tensor]], vocab_parallel: bool = False) -> dict:
-    """A state_dict for the GPT of a process's ranks from each tensor's pieces of those ranks, in rank order."""
+    """A state_dict for the GPT of a process's ranks from each tensor's pieces of those ranks, in rank
+    order. One stage holding the whole model shares the embedding with the output layer; across
+    stages the last has a copy of its own (and the first no output layer)."""
     state = {name: join_local_ranks(name, ranks, vocab_parallel) for name, ranks in pieces.items()}
-    for tied, source in TIED.items():
-        state[tied] = state[source]
+    if OUTPUT not in state and "transformer.ln_f.weight" in state and EMBEDDING in state:
+        state[OUTPUT] = state[EMBEDDING]
     return state
 
 

@@ -1,15 +1,17 @@
 """The same GPT, built for the ranks a process hosts, with counted collectives:
 
     dense        the whole model, one rank (from a checkpoint, or a shard set merged in memory)
-    simulated    every rank of a shard set in one process; a reduction is a sum over local ranks
-    distributed  one rank per process; the sum goes across the process group
+    simulated    every rank of a shard set in one process, every stage; a reduction is a sum over
+                 local ranks, a stage's output is handed to the next stage in memory
+    distributed  one rank per process; the sum goes across the stage's tensor-parallel group, the
+                 stage's output to the next stage's process
 """
 
 from typing import TYPE_CHECKING
 
 import torch
 
-from tpshard.comm.collectives import LOCAL, Collectives
+from tpshard.comm.collectives import Collectives
 from tpshard.comm.counting import CountingCollectives
 from tpshard.convert import merge_shards
 from tpshard.files.checkpoint import Checkpoint
@@ -32,9 +34,14 @@ def sharded_model(
     dtype: torch.dtype | None = None,
     checksum: bool = True,
 ) -> GPT:
-    """A GPT holding the given ranks' slices, read from their files only (simulated: all ranks).
-    checksum: check each file's sha256 first (False: the caller just did)."""
-    placement = Placement(shards.tp_size, tuple(ranks), shards.manifest.vocab_parallel)
+    """A GPT holding the given (global) ranks' slices, read from their files only (simulated: all
+    ranks). checksum: check each file's sha256 first (False: the caller just did)."""
+    m = shards.manifest
+    where = [m.grid.coordinates(r) for r in ranks]
+    tp_ranks, hosted = tuple(sorted({t for _, t in where})), tuple(sorted({s for s, _ in where}))
+    if len(where) != len(tp_ranks) * len(hosted):
+        raise ValueError(f"ranks {ranks}: not the same tensor-parallel ranks of each stage")
+    placement = Placement(m.tp_size, tp_ranks, m.vocab_parallel, m.stages if m.grid.pp > 1 else None, hosted)
     pieces = shards.load_pieces(list(ranks), checksum=checksum)
     state = plan.local_state_dict(pieces, placement.vocab_parallel)
     model = GPT.from_state_dict(shards.manifest.config, state, placement, comm)
@@ -61,9 +68,11 @@ def simulated_model(
     dtype: torch.dtype | None = None,
     checksum: bool = True,
 ) -> GPT:
-    """Every rank in this process; a reduction sums the local ranks' partials."""
-    ranks = list(range(shards.tp_size))
-    return sharded_model(shards, ranks, CountingCollectives(LOCAL), device=device, dtype=dtype, checksum=checksum)
+    """Every rank in this process; a reduction sums the local ranks' partials, and each stage hands
+    its output to the next in memory."""
+    ranks = list(range(shards.manifest.grid.world_size))
+    comm = CountingCollectives(Collectives())  # its own: the stage hand-over passes through it
+    return sharded_model(shards, ranks, comm, device=device, dtype=dtype, checksum=checksum)
 
 
 def distributed_model(
@@ -74,7 +83,7 @@ def distributed_model(
     VocabParallelHead."""
     comm = CountingCollectives(group.comm)
     model = sharded_model(shards, [group.rank], comm, device=group.device, dtype=dtype, checksum=checksum)
-    if not shards.manifest.vocab_parallel:
-        model.lm_head = VocabParallelHead(model.lm_head.weight, group.rank, group.world_size, group.comm)
+    if model.last and not shards.manifest.vocab_parallel:
+        model.lm_head = VocabParallelHead(model.lm_head.weight, group.tp_rank, group.grid.tp, group.comm)
     group.barrier()  # every rank loaded (and checksummed) its shard before the first step's timeout starts
     return model

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -21,9 +21,10 @@ from tpshard.errors import TpshardError
 from tpshard.files.shardset import ShardSet
 from tpshard.generation import Runner, Sampling, Stats, TokenPicker, generate
 from tpshard.model import GPT
-from tpshard.runtime import launch
+from tpshard.parallel.grid import ParallelDims
+from tpshard.runtime import launch, streamed
 from tpshard.runtime.launch import Group
-from tpshard.runtime.models import distributed_model, simulated_model
+from tpshard.runtime.models import distributed_model
 
 # --- generate ---------------------------------------------------------------------------------------
 
@@ -42,11 +43,15 @@ class Request:
 
 @dataclass
 class RankUsage:
-    """One rank's resources, gathered for --stats."""
+    """One rank's resources and communication, gathered for --stats."""
 
     peak_rss: int
     shard_bytes: int
     comm_seconds: float
+    stage: int = 0
+    sync_points: int = 0  # reductions in its stage's tensor-parallel group
+    sends: int = 0  # to the next stage
+    p2p_seconds: float = 0.0
 
 
 class GenerationSink(Protocol):
@@ -69,9 +74,8 @@ def generate_samples(model: GPT, request: Request, label: str, sink: GenerationS
     speaks = model.comm.rank == 0
     check_finite(model, request.dtype)
     runner = Runner(model, request.sampling)
-    weight = model.lm_head.weight
     if speaks:
-        sink.started(label, weight.device, weight.dtype)
+        sink.started(label, model.device, model.dtype)
     for _ in range(request.num_samples):
         tokens = runner.sample(request.prompt, request.max_new_tokens)
         if speaks:
@@ -103,17 +107,30 @@ def check_finite(model: GPT, cast: torch.dtype | None = None) -> None:
             raise TpshardError(f"{name}: {what} of its {param.numel():,} values in {dtype}; {why}")
 
 
+def grid_label(grid: ParallelDims) -> str:
+    return f"tp {grid.tp} x pp {grid.pp}" if grid.pp > 1 else f"tp {grid.tp}"
+
+
 def generate_on_rank(group: Group, shards: ShardSet, request: Request, sink: GenerationSink) -> None:
     """One rank of a distributed generate: its own shard only; rank 0 tells the sink."""
     model = distributed_model(shards, group, dtype=request.dtype)
-    backend = "NCCL" if group.device.type == "cuda" else "gloo"
-    label = f"distributed tp {group.world_size} ({group.world_size} processes, {backend})"
+    label = f"distributed {grid_label(group.grid)} ({group.world_size} processes, {_comm_label(group)})"
     stats = generate_samples(model, request, label, sink)
     if request.show_stats:  # every rank takes part in the gather
-        mine = RankUsage(peak_rss_bytes(), shards.manifest.files[group.rank]["bytes"], stats.comm_seconds)
+        shard, s = shards.manifest.files[group.rank]["bytes"], stats
+        mine = RankUsage(peak_rss_bytes(), shard, s.comm_seconds, group.stage, s.sync_points, s.sends, s.p2p_seconds)
         ranks = group.gather_to_rank0(mine)
         if group.rank == 0:
             sink.report(stats, request, ranks)
+
+
+def _comm_label(group: Group) -> str:
+    """What runs the collectives: shm or gloo or NCCL inside a stage, and gloo or NCCL between stages."""
+    inside = "NCCL" if group.comm_name == "nccl" else group.comm_name
+    between = "NCCL" if group.device.type == "cuda" else "gloo"
+    if group.grid.pp == 1 or inside == between:
+        return inside
+    return f"{inside} inside a stage, {between} between stages"
 
 
 def peak_rss_bytes() -> int:
@@ -139,30 +156,40 @@ class Trace:
     logits: torch.Tensor  # [B, T, V]
     tokens: torch.Tensor  # [B, K] greedy continuation of the context, through the KV cache
     top2: torch.Tensor  # [B, K, 2] the two largest logits each greedy token was picked from
-    forwards: list[tuple[int, int, int]]  # per forward: reductions, bytes reduced, tokens in
+    # per forward: reductions, bytes reduced, tokens in, sends to the next stage, bytes sent (summed
+    # over the stages; per tensor-parallel rank)
+    forwards: list[tuple[int, int, int, int, int]]
+    stage_reductions: list[int] = field(default_factory=list)  # the full forward's reductions, stage by stage
 
 
 @torch.inference_mode()
 def trace(model: GPT, idx: torch.Tensor, context: int, new_tokens: int) -> Trace:
     """Run idx (B, T) through model: one full forward with every hidden state, then greedy decoding
     of new_tokens after the first `context` tokens (every rank takes rank 0's token)."""
-    forwards: list[tuple[int, int, int]] = []
+    forwards: list[tuple[int, int, int, int, int]] = []
     counter = model.comm if isinstance(model.comm, CountingCollectives) else CountingCollectives(model.comm)
-    before = model.register_forward_pre_hook(lambda _, args: forwards.append((counter.calls, counter.bytes, 0)))
+
+    def counts() -> tuple[int, int, int, int, int]:
+        return (counter.calls, counter.bytes, 0, counter.sends, counter.sent_bytes)
 
     def after(_module: GPT, args: tuple, _output: torch.Tensor) -> None:
-        calls, sent, _ = forwards[-1]
-        forwards[-1] = (counter.calls - calls, counter.bytes - sent, args[0].numel())
+        begin = forwards[-1]
+        now = counts()
+        forwards[-1] = (now[0] - begin[0], now[1] - begin[1], args[0].numel(), now[3] - begin[3], now[4] - begin[4])
 
-    hooks = [before, model.register_forward_hook(after)]
+    hooks = [model.register_forward_pre_hook(lambda *_: forwards.append(counts())), model.register_forward_hook(after)]
     try:
         hidden: list[torch.Tensor] = []
+        start, sends = counter.calls, len(counter.calls_at_sends)
         logits = model(idx, hidden_states=hidden)
+        # the reductions counted at the end of each stage here: at its send, or, the last stage, at the end
+        ends = [*counter.calls_at_sends[sends:], *([counter.calls] if model.last else [])]
+        stage_reductions = [b - a for a, b in zip([start, *ends], ends, strict=False)]
         tokens, top2 = _greedy(model, idx[:, :context], new_tokens)
     finally:
         for hook in hooks:
             hook.remove()
-    return Trace(hidden, logits, tokens, top2, forwards)
+    return Trace(hidden, logits, tokens, top2, forwards, stage_reductions)
 
 
 def _greedy(model: GPT, idx: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,8 +197,9 @@ def _greedy(model: GPT, idx: torch.Tensor, new_tokens: int) -> tuple[torch.Tenso
     top2: list[torch.Tensor] = []
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
-        top2.append(logits.float().topk(min(2, logits.size(-1))).values)
-        return model.comm.broadcast_token(picker(logits))
+        top2.append(logits.float().topk(min(2, logits.size(-1))).values)  # [B, 0] on a stage without logits
+        mine = picker(logits) if model.comm.picks_tokens else torch.empty(logits.size(0), dtype=torch.long)
+        return model.comm.broadcast_token(mine)
 
     tokens = list(generate(model, idx, new_tokens, pick))
     B = idx.size(0)
@@ -181,31 +209,53 @@ def _greedy(model: GPT, idx: torch.Tensor, new_tokens: int) -> tuple[torch.Tenso
 
 
 def sharded_traces(
-    shards: ShardSet, batches: list[torch.Tensor], contexts: list[int], new_tokens: int, mode: str
-) -> list[Trace]:
-    """The sharded model's traces of every batch: all ranks in this process (simulated), or one
-    process per rank (distributed; rank 0's traces, identical on every rank, come back). The rank
-    files' sha256 are not checked again: verify's integrity part has just done it."""
+    shards: ShardSet, batches: list[torch.Tensor], contexts: list[int], new_tokens: int, mode: str, comm: str = "auto"
+) -> tuple[list[Trace], str]:
+    """The sharded model's traces of every batch: all ranks in this process (simulated: one block's
+    weights at a time, runtime/streamed.py), or one process per rank (distributed, each rank holding
+    its own shard; rank 0's traces, identical on every rank, come back). The rank files' sha256 are
+    not checked again: verify's integrity part has just done it. Also returns what carried the
+    collectives (comm: auto, shm or gloo, for distributed)."""
     if mode == "simulated":
-        model = simulated_model(shards, checksum=False)
-        return [trace(model, idx, ctx, new_tokens) for idx, ctx in zip(batches, contexts, strict=True)]
+        model = streamed.simulated_model(shards)
+        return [trace(model, idx, ctx, new_tokens) for idx, ctx in zip(batches, contexts, strict=True)], "in memory"
     if launch.started_by_torchrun():
         raise TpshardError("verify --mode distributed starts its own ranks; run it without torchrun")
     with tempfile.TemporaryDirectory(prefix="tpshard-verify-") as tmp:
         out = Path(tmp, "traces.pt")
         args = (shards, batches, contexts, new_tokens, str(out))
-        launch.run(traces_on_rank, args, nproc=shards.tp_size, device="cpu")
+        grid = shards.manifest.grid
+        launch.run(traces_on_rank, args, nproc=grid.world_size, device="cpu", grid=grid, comm=comm)
         saved = torch.load(out, weights_only=True)
-    return [Trace(**t) for t in saved]
+    return [Trace(**t) for t in saved["traces"]], saved["comm"]
 
 
 def traces_on_rank(
     group: Group, shards: ShardSet, batches: list[torch.Tensor], contexts: list[int], new_tokens: int, out: str
 ) -> None:
-    """One rank of a distributed verify: its own shard file only; rank 0 saves the traces."""
+    """One rank of a distributed verify: its own shard file only; rank 0 saves the traces (with
+    stages, put together from tp rank 0 of each stage's)."""
     model = distributed_model(shards, group, checksum=False)
     traces = [trace(model, idx, ctx, new_tokens) for idx, ctx in zip(batches, contexts, strict=True)]
+    if group.grid.pp > 1:
+        gathered = group.gather_to_rank0(traces if group.tp_rank == 0 else None)
+        if gathered is None:
+            return
+        traces = [_join_stages([t[i] for t in gathered if t is not None]) for i in range(len(batches))]
     if group.rank == 0:
-        torch.save([vars(t) for t in traces], out)
+        torch.save({"traces": [vars(t) for t in traces], "comm": _comm_label(group)}, out)
+
+
+def _join_stages(stages: list[Trace]) -> Trace:
+    """One trace from each stage's, in stage order: the hidden states of every stage, the last
+    stage's logits, and the counts summed over the stages."""
+    last = stages[-1]
+    forwards = []
+    for i, per_stage in enumerate(zip(*(s.forwards for s in stages), strict=True)):
+        f = [sum(counts) for counts in zip(*per_stage, strict=True)]
+        forwards.append((f[0], f[1], last.forwards[i][2], f[3], f[4]))  # the tokens in, once
+    hidden = [h for s in stages for h in s.hidden]
+    reductions = [n for s in stages for n in s.stage_reductions]
+    return Trace(hidden, last.logits, last.tokens, last.top2, forwards, reductions)
 
 

@@ -30,8 +30,36 @@ def count_communication(sharded: list[Trace], shards: ShardSet, mode: str) -> Co
         result.problems.append(f"{seen} reductions per forward measured, theory says {theory}")
     if result.bytes_per_token_measured != per_token:
         result.problems.append(f"{result.bytes_per_token_measured:g} bytes per token reduced, theory says {per_token}")
+    if m.grid.pp > 1:
+        _count_stages(result, sharded, shards, tokens)
     result.passed = not result.problems
     return result
+
+
+def _count_stages(result: Communication, sharded: list[Trace], shards: ShardSet, tokens: int) -> None:
+    """Reductions stage by stage, and the hand-overs between stages: pp - 1 sends of the residual
+    stream per forward, n_embd values per token each."""
+    m = shards.manifest
+    forwards = [f for t in sharded for f in t.forwards]
+    result.stage_reductions_theory = [
+        plan.stage_sync_points(m.config, m.stage_plan, s, m.vocab_parallel) for s in range(m.grid.pp)
+    ]
+    result.stage_reductions_measured = sharded[0].stage_reductions
+    result.sends_theory = m.grid.pp - 1
+    result.sends_measured = sorted({f[3] for f in forwards})
+    result.sent_bytes_per_token_theory = result.sends_theory * m.config.n_embd * m.dtype.itemsize
+    result.sent_bytes_per_token_measured = sum(f[4] for f in forwards) / tokens if tokens else 0.0
+    if result.stage_reductions_measured != result.stage_reductions_theory:
+        seen, want = result.stage_reductions_measured, result.stage_reductions_theory
+        result.problems.append(f"reductions stage by stage {seen} measured, theory says {want}")
+    if result.sends_measured != [result.sends_theory]:
+        seen_sends = ", ".join(map(str, result.sends_measured))
+        result.problems.append(f"{seen_sends} sends per forward measured, theory says {result.sends_theory}")
+    if result.sent_bytes_per_token_measured != result.sent_bytes_per_token_theory:
+        result.problems.append(
+            f"{result.sent_bytes_per_token_measured:g} bytes per token sent between stages, "
+            f"theory says {result.sent_bytes_per_token_theory}"
+        )
 
 
 def _gather_note(vocab_parallel: bool, mode: str) -> str | None:

@@ -8,6 +8,7 @@ import torch
 from tpshard.errors import TpshardError
 from tpshard.files.atomic import file_status
 from tpshard.files.checkpoint import Checkpoint
+from tpshard.files.pages import drop_file_pages
 from tpshard.files.shardset import ShardSet
 from tpshard.files.tensorfile import DTYPE_NAMES, data_offsets, open_safetensors, sha256_file
 from tpshard.parallel import plan
@@ -144,13 +145,22 @@ def _locate_damage(shards: ShardSet, check: FileCheck, files: list[FileCheck], r
         )
 
 
+COMPARE_BYTES = 16 << 20
+
+
 def first_different_byte(a: torch.Tensor, b: torch.Tensor) -> int | None:
     """Offset of the first byte where two tensors' data differ (bits, so NaN == NaN and -0.0 != 0.0);
     None when they are identical."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return 0
-    differ = (a.contiguous().view(torch.uint8).flatten() != b.contiguous().view(torch.uint8).flatten()).nonzero()
-    return int(differ[0]) if len(differ) else None
+    a, b = a.contiguous().view(torch.uint8).flatten(), b.contiguous().view(torch.uint8).flatten()
+    if torch.equal(a, b):  # the common case, without a mask of the tensor's size
+        return None
+    for start in range(0, a.numel(), COMPARE_BYTES):  # a mask of COMPARE_BYTES at a time
+        differ = (a[start : start + COMPARE_BYTES] != b[start : start + COMPARE_BYTES]).nonzero()
+        if len(differ):
+            return start + int(differ[0])
+    return None
 
 
 def _same_model(shards: ShardSet, reference: Checkpoint) -> str | None:
@@ -181,7 +191,10 @@ def _check_merge(
     pieces = shards.load_pieces(list(range(m.tp_size)), checksum=False)
     for name, ranks in pieces.items():
         merge.tensors += 1
-        byte = first_different_byte(m.unshard(name, ranks), reference.state_dict[name].to(m.dtype))
+        dense = reference.state_dict[name]
+        byte = first_different_byte(m.unshard(name, ranks), dense.to(m.dtype))
+        for tensor in (*ranks, dense):  # compared: their pages leave this process (files/pages.py)
+            drop_file_pages(tensor)
         if byte is None:
             merge.identical += 1
         elif merge.first_difference is None:

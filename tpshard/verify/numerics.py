@@ -6,6 +6,8 @@ weights pass: here a logit is within tolerance only when both sides are finite, 
 abs diff, KL, agreement) are taken over the positions finite on both sides, which the report counts.
 """
 
+from collections.abc import Iterator
+
 import torch
 from torch.nn import functional as F
 
@@ -15,42 +17,69 @@ from tpshard.verify.report import Greedy, LayerError, NonFinite, Numerics
 EXACT_GREEDY = (torch.float32, torch.float64)  # half precision: a greedy split at a near tie is allowed
 
 
+ROWS = 128  # positions compared at a time: a few [ROWS, vocab] float64 temporaries (GPT-2: 51 MB each)
+
+
 def compare(
     dense: list[Trace], sharded: list[Trace], tolerance: tuple[float, float, str], dtype: torch.dtype
 ) -> Numerics:
-    """Every fact of the numerics part, computed in float64 over all batches."""
+    """Every fact of the numerics part, computed in float64 over all batches, ROWS positions at a time
+    (so that the float64 copies of the logits are never held whole; every figure is the one the
+    whole [positions, vocab] comparison gives: maxima and counts over the chunks, means over the
+    per-position values)."""
     atol, rtol, source = tolerance
     result = Numerics(passed=False, atol=atol, rtol=rtol, tolerance_source=source)
     result.layers = _layer_errors(dense, sharded)
-    d_all = torch.cat([t.logits.double().flatten(0, 1) for t in dense])  # [positions, V]
-    s_all = torch.cat([t.logits.double().flatten(0, 1) for t in sharded])
-    result.positions, result.logits_total = d_all.size(0), d_all.numel()
-    result.dense_nonfinite = _nonfinite(d_all, dense)
-    result.sharded_nonfinite = _nonfinite(s_all, sharded)
-    both = d_all.isfinite() & s_all.isfinite()
-    within = ((s_all - d_all).abs() <= atol + rtol * d_all.abs()) & both  # NaN and infinities: outside
-    result.logits_outside = int((~within).sum())
-    rows = both.all(-1)  # the positions whose logits are finite on both sides: what the figures are over
-    result.finite_positions = int(rows.sum())
-    d, s = d_all[rows], s_all[rows]
-    diff = (s - d).abs()
-    result.logits_max_abs = _max(diff)
-    result.logits_max_rel = result.logits_max_abs / max(_max(d.abs()), torch.finfo(torch.float64).tiny)
-    log_d, log_s = F.log_softmax(d, -1), F.log_softmax(s, -1)
-    kl = (log_d.exp() * (log_d - log_s)).sum(-1)
+    d_all = [t.logits.flatten(0, 1) for t in dense]  # [positions, V] each, views
+    s_all = [t.logits.flatten(0, 1) for t in sharded]
+    result.positions = sum(d.size(0) for d in d_all)
+    result.logits_total = sum(d.numel() for d in d_all)
+    result.logits_outside = result.finite_positions = 0
+    sides = {"dense": _Bad(), "sharded": _Bad()}
+    maxima: dict[str, list[float]] = {"diff": [], "dense": []}
+    per_row: dict[str, list[torch.Tensor]] = {"kl": [], "top1": [], "top5": [], "decisive": []}
+    at = 0  # the first position of the chunk
+    for d, s in _chunks(d_all, s_all):
+        sides["dense"].add(d, at)
+        sides["sharded"].add(s, at)
+        at += d.size(0)
+        both = d.isfinite() & s.isfinite()
+        within = ((s - d).abs() <= atol + rtol * d.abs()) & both  # NaN and infinities: outside
+        result.logits_outside += int((~within).sum())
+        rows = both.all(-1)  # the positions whose logits are finite on both sides: what the figures are over
+        result.finite_positions += int(rows.sum())
+        d, s = d[rows], s[rows]
+        maxima["diff"].append(_max((s - d).abs()))
+        maxima["dense"].append(_max(d.abs()))
+        log_d, log_s = F.log_softmax(d, -1), F.log_softmax(s, -1)
+        per_row["kl"].append((log_d.exp() * (log_d - log_s)).sum(-1))
+        per_row["top1"].append(d.argmax(-1) == s.argmax(-1))
+        k = min(5, d.size(-1))
+        top5_d, top5_s = d.topk(k).indices.sort(-1).values, s.topk(k).indices.sort(-1).values
+        per_row["top5"].append((top5_d == top5_s).all(-1))
+        per_row["decisive"].append(_decisive(d.topk(min(2, d.size(-1))).values, atol, rtol))
+    result.dense_nonfinite = sides["dense"].facts(dense)
+    result.sharded_nonfinite = sides["sharded"].facts(sharded)
+    kl, top1_same, top5_same, decisive = (torch.cat(per_row[key]) for key in ("kl", "top1", "top5", "decisive"))
+    result.logits_max_abs = max(maxima["diff"], default=0.0)
+    largest = max(maxima["dense"], default=0.0)
+    result.logits_max_rel = result.logits_max_abs / max(largest, torch.finfo(torch.float64).tiny)
     result.kl_mean, result.kl_max = _mean(kl), _max(kl)
-    top1_same = d.argmax(-1) == s.argmax(-1)
     result.top1_agreement = _mean(top1_same)
-    k = min(5, d.size(-1))
-    top5_d, top5_s = d.topk(k).indices.sort(-1).values, s.topk(k).indices.sort(-1).values
-    result.top5_agreement = _mean((top5_d == top5_s).all(-1))
-    decisive = _decisive(d.topk(min(2, d.size(-1))).values, atol, rtol)
+    result.top5_agreement = _mean(top5_same)
     result.decisive_positions = int(decisive.sum())
     result.decisive_disagreements = int((decisive & ~top1_same).sum())
     result.greedy = _compare_greedy(dense, sharded, atol, rtol, dtype)
     result.problems = _numeric_problems(result)
     result.passed = not result.problems
     return result
+
+
+def _chunks(dense: list[torch.Tensor], sharded: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Both sides' logits [positions, V], batch after batch, as float64 chunks of up to ROWS positions."""
+    for d, s in zip(dense, sharded, strict=True):
+        for first in range(0, d.size(0), ROWS):
+            yield d[first : first + ROWS].double(), s[first : first + ROWS].double()
 
 
 def _max(values: torch.Tensor) -> float:
@@ -61,30 +90,40 @@ def _mean(values: torch.Tensor) -> float:
     return float(values.double().mean()) if values.numel() else 0.0
 
 
-def _nonfinite(logits: torch.Tensor, traces: list[Trace]) -> NonFinite | None:
-    """The NaN and infinite logits of one side [positions, V], and the first position holding one as
-    (sequence, token); None when every logit is finite."""
-    bad = ~logits.isfinite()
-    count = int(bad.sum())
-    if not count:
-        return None
-    at = bad.any(-1)
-    position = int(at.nonzero()[0])
-    sequence, token = 0, position
-    for t in traces:  # the positions run over each batch's [B, T], batch after batch
-        rows, length = t.logits.shape[:2]
-        if token < rows * length:
-            sequence, token = sequence + token // length, token % length
-            break
-        token -= rows * length
-        sequence += rows
-    return NonFinite(
-        values=count,
-        nan=int(logits.isnan().sum()),
-        positions=int(at.sum()),
-        first_sequence=sequence,
-        first_token=token,
-    )
+class _Bad:
+    """One side's NaN and infinite logits, counted chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.values = self.nan = self.positions = 0
+        self.first: int | None = None  # the first position holding one, counted over every batch
+
+    def add(self, logits: torch.Tensor, at: int) -> None:
+        bad = ~logits.isfinite()
+        count = int(bad.sum())
+        if not count:
+            return
+        rows = bad.any(-1)
+        self.values += count
+        self.nan += int(logits.isnan().sum())
+        self.positions += int(rows.sum())
+        if self.first is None:
+            self.first = at + int(rows.nonzero()[0])
+
+    def facts(self, traces: list[Trace]) -> NonFinite | None:
+        """The counts, and the first position as (sequence, token); None when every logit is finite."""
+        if self.first is None:
+            return None
+        sequence, token = 0, self.first
+        for t in traces:  # the positions run over each batch's [B, T], batch after batch
+            rows, length = t.logits.shape[:2]
+            if token < rows * length:
+                sequence, token = sequence + token // length, token % length
+                break
+            token -= rows * length
+            sequence += rows
+        return NonFinite(
+            values=self.values, nan=self.nan, positions=self.positions, first_sequence=sequence, first_token=token
+        )
 
 
 def _decisive(top2: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:

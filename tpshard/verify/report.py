@@ -24,6 +24,9 @@ class Compared:
     against: str | None
     reference: str  # what the dense side is
     tp_size: int | None = None  # None: the manifest could not be read
+    pp_size: int | None = None
+    stage_layers: list[int] | None = None  # blocks per stage
+    comm: str | None = None  # what carried the distributed run's collectives
     dtype: str | None = None
     vocab_parallel: bool | None = None
     model_args: dict | None = None
@@ -142,7 +145,36 @@ class Communication:
     forwards: int = 0
     bytes_per_token_theory: int | None = None
     bytes_per_token_measured: float | None = None
+    # with pipeline stages: reductions per stage in a full forward (theory, measured), and the hand-overs
+    stage_reductions_theory: list[int] = field(default_factory=list)
+    stage_reductions_measured: list[int] = field(default_factory=list)
+    sends_theory: int | None = None  # per forward, per tensor-parallel rank
+    sends_measured: list[int] = field(default_factory=list)  # the distinct counts seen per forward
+    sent_bytes_per_token_theory: int | None = None
+    sent_bytes_per_token_measured: float | None = None
     note: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Oracle:
+    """verify --oracle torch: the same weights through PyTorch's own tensor parallelism (parallelize_module on
+    a reference nanoGPT, loaded from a DCP export), its logits held against the sharded and the dense run."""
+
+    passed: bool
+    skipped: str | None = None
+    oracle: str = "torch"
+    torch_version: str | None = None
+    processes: int | None = None
+    backend: str | None = None  # "gloo" (CPU) or "nccl"
+    plan: dict[str, str] = field(default_factory=dict)  # module -> PyTorch's parallel style, as applied
+    atol: float | None = None
+    rtol: float | None = None  # times |the other side's logit|: torch's against the sharded run, dense's against torch
+    logits_total: int | None = None
+    vs_sharded_max_abs: float | None = None  # torch's logits against tpshard's sharded run
+    vs_sharded_outside: int | None = None
+    vs_dense_max_abs: float | None = None  # torch's logits against the dense model
+    vs_dense_outside: int | None = None
     problems: list[str] = field(default_factory=list)
 
 
@@ -154,6 +186,7 @@ class Report:
     integrity: Integrity
     numerics: Numerics
     communication: Communication
+    oracle: Oracle | None = None  # only with --oracle
     schema_version: int = SCHEMA_VERSION
 
 

@@ -13,12 +13,14 @@ from tpshard.files.paths import Kind, kind_of, load_checkpoint
 from tpshard.files.shardset import MANIFEST, ShardSet
 from tpshard.files.tensorfile import DTYPE_NAMES
 from tpshard.generation import check_seed
-from tpshard.runtime.models import dense_model
+from tpshard.runtime import streamed
 from tpshard.runtime.programs import sharded_traces, trace
 from tpshard.verify.communication import count_communication
 from tpshard.verify.integrity import check_integrity
 from tpshard.verify.numerics import compare
-from tpshard.verify.report import Communication, Compared, Inputs, Integrity, Numerics, Report
+from tpshard.verify.oracle import ORACLES
+from tpshard.verify.oracle import check as check_oracle
+from tpshard.verify.report import Communication, Compared, Inputs, Integrity, Numerics, Oracle, Report
 
 MODES = ("simulated", "distributed")
 DEFAULT_BATCH = 4
@@ -60,6 +62,8 @@ def verify_shards(
     rtol: float | None = None,
     seed: int = 0,
     tokenizer: str | Path | None = None,
+    oracle: str | None = None,
+    comm: str = "auto",
     progress: Progress | None = None,
 ) -> Report:
     """Verify a shard set. Raises TpshardError only when verification cannot run (no such directory,
@@ -67,6 +71,8 @@ def verify_shards(
     say = progress or (lambda _: None)
     if mode not in MODES:
         raise TpshardError(f"--mode {mode}: expected one of {', '.join(MODES)}")
+    if oracle is not None and oracle not in ORACLES:
+        raise TpshardError(f"--oracle {oracle}: expected one of {', '.join(ORACLES)}")
     _check_options(prompts, random_tokens, batch, new_tokens, atol, rtol)
     check_seed(seed)
     shards, manifest_problem = _open(Path(shards_dir))
@@ -79,27 +85,34 @@ def verify_shards(
     )
     if shards is None:
         integrity = Integrity(passed=False, manifest_ok=False, problems=[f"manifest: {manifest_problem}"])
-        return _finish(compared, integrity, None, None)
+        return _finish(compared, integrity, None, None, oracle_wanted=oracle is not None)
     m = shards.manifest
     compared.tp_size, compared.dtype, compared.vocab_parallel = m.tp_size, DTYPE_NAMES[m.dtype], m.vocab_parallel
+    compared.pp_size, compared.stage_layers = m.grid.pp, list(m.stage_plan.layers)
     compared.model_args = asdict(m.config)
     batches, compared.inputs = _inputs(shards, prompts, random_tokens, batch, new_tokens, seed, tokenizer)
     say("checking the rank files")
     integrity = check_integrity(shards, reference, against)
     if not integrity.passed:
-        return _finish(compared, integrity, None, None)
+        return _finish(compared, integrity, None, None, oracle_wanted=oracle is not None)
     tol = _tolerance(m.dtype, atol, rtol)
     say("running the dense model")
-    # integrity has just checked every rank file's sha256: the models below need not hash them again
-    dense = dense_model(reference or shards, dtype=m.dtype, checksum=False)
+    # integrity has just checked every rank file's sha256: the models below need not hash them again; each
+    # holds one block at a time (runtime/streamed.py), bit for bit what the resident model computes
+    dense = streamed.dense_model(reference or shards, dtype=m.dtype)
     contexts = [greedy_context(idx.size(1), m.config.block_size, new_tokens) for idx in batches]
     dense_traces = [trace(dense, idx, ctx, new_tokens) for idx, ctx in zip(batches, contexts, strict=True)]
     del dense
     say(f"running the sharded model ({mode})")
-    sharded = sharded_traces(shards, batches, contexts, new_tokens, mode)
+    sharded, compared.comm = sharded_traces(shards, batches, contexts, new_tokens, mode, comm)
     numerics = compare(dense_traces, sharded, tol, m.dtype)
     communication = count_communication(sharded, shards, mode)
-    return _finish(compared, integrity, numerics, communication)
+    torch_part = None
+    if oracle is not None:
+        say("running the same weights through PyTorch's tensor parallelism (the oracle)")
+        logits = [t.logits for t in sharded], [t.logits for t in dense_traces]
+        torch_part = check_oracle(shards, batches, *logits, *tol[:2])
+    return _finish(compared, integrity, numerics, communication, torch_part)
 
 
 def _check_options(
@@ -173,22 +186,34 @@ def _tolerance(dtype: torch.dtype, atol: float | None, rtol: float | None) -> tu
 
 
 def _finish(
-    compared: Compared, integrity: Integrity, numerics: Numerics | None, communication: Communication | None
+    compared: Compared,
+    integrity: Integrity,
+    numerics: Numerics | None,
+    communication: Communication | None,
+    oracle: Oracle | None = None,
+    *,
+    oracle_wanted: bool = False,
 ) -> Report:
     why = "integrity failed" if integrity.manifest_ok else "the manifest is unreadable"
     numerics = numerics or Numerics(passed=False, skipped=f"skipped: {why}")
     communication = communication or Communication(passed=False, skipped=f"skipped: {why}")
+    if oracle_wanted and oracle is None:
+        oracle = Oracle(passed=False, skipped=f"skipped: {why}")
     parts = {"integrity": integrity, "numerics": numerics, "communication": communication}
+    if oracle is not None:
+        parts["torch oracle"] = oracle
     passed = all(part.passed for part in parts.values())
     if passed:
         summary = "integrity, numerics and communication all hold"
+        if oracle is not None:
+            summary = "integrity, numerics, communication and the torch oracle all hold"
     else:
         failed = [f"{name}: {part.problems[0]}" for name, part in parts.items() if part.problems]
         more = sum(len(part.problems) for part in parts.values()) - len(failed)
         summary = "; ".join(failed) + (f" (and {more} more)" if more else "")
         if integrity.passed is False:
-            summary += "; numerics and communication skipped"
-    return Report(passed, summary, compared, integrity, numerics, communication)
+            summary += "; numerics and communication skipped" + (" (and the torch oracle)" if oracle else "")
+    return Report(passed, summary, compared, integrity, numerics, communication, oracle=oracle)
 
 
 # --- inputs ------------------------------------------------------------------------------------------
