@@ -115,6 +115,7 @@ def test_dense_and_simulated_decode_as_nanogpt(config: GPTConfig, n: int, nanogp
                 torch.testing.assert_close(step, full, atol=ATOL, rtol=0, msg=f"{name}, step {t}")
 
 
+@pytest.mark.slow  # 2 processes x 2 threads on 2 cores
 def test_distributed_verifies_on_2_threads_per_rank(tmp_path: Path) -> None:
     """Two gloo ranks, 2 threads each (the split kernel in every rank), against the dense model."""
     plain = random_weights(GPT(BIAS_CONFIG), seed=4)

@@ -16,6 +16,7 @@ from tpshard.errors import TpshardError
 from tpshard.files.checkpoint import Checkpoint, model_args
 from tpshard.files.paths import load_checkpoint
 from tpshard.files.shardset import MANIFEST, ShardSet
+from tpshard.files.tensorfile import data_offsets
 from tpshard.generation import Sampling, TokenPicker, generate
 from tpshard.model import GPT
 from tpshard.parallel import plan
@@ -172,6 +173,24 @@ def test_a_last_stage_copy_that_differs_from_wte_is_refused(ckpt: Checkpoint, tm
     (tmp_path / "s" / MANIFEST).write_text(json.dumps(data))
     with pytest.raises(TpshardError, match=r"lm_head\.weight differs from stage 0.s transformer\.wte\.weight"):
         merge_shards(ShardSet.open(tmp_path / "s"))
+
+
+@pytest.mark.parametrize("against", [False, True])
+def test_verify_checks_the_files_of_every_stage(ckpt: Checkpoint, tmp_path: Path, cli, against: bool) -> None:
+    """A flipped byte in the last stage's tp rank 1 (its replicated ln_f, which the simulated run never
+    reads: rank 0's copy serves): integrity fails there and names the tensor, with or without --against."""
+    shards = split(ckpt, tmp_path / "s", 2, 2)
+    path = shards.rank_path(3)
+    data = bytearray(path.read_bytes())
+    offset = next(o for name, o in data_offsets(path).items() if name == "transformer.ln_f.weight")
+    data[offset + 3] ^= 0x40
+    path.write_bytes(data)
+    reference = ["--against", str(ckpt.path)] if against else []
+    code, out, _ = cli("verify", tmp_path / "s", *reference, "--random-tokens", "8", "--tokens", "4", "--json")
+    report = json.loads(out)
+    assert code == 1 and not report["integrity"]["passed"]
+    assert [f["status"] for f in report["integrity"]["files"]] == ["ok", "ok", "ok", "corrupt"]
+    assert report["integrity"]["files"][3]["damaged_tensors"] == ["transformer.ln_f.weight"]
 
 
 @pytest.mark.parametrize(

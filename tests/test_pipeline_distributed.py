@@ -116,6 +116,7 @@ def test_spread_tp_runs_a_tensor_parallel_group_across_nodes(sets: dict[str, Pat
     assert results[0][1] == expected
 
 
+@pytest.mark.slow  # test_distributed.py checks the same path with one stage
 def test_a_corrupt_file_in_the_last_stage_stops_every_rank(sets: dict[str, Path], tmp_path: Path) -> None:
     seconds, code, out, err = run_with_a_corrupt_file(sets["tp2pp2"], tmp_path, "rank3-of-4.safetensors")
     assert seconds < 20  # 5 processes start on 2 cores, then stop at once
@@ -131,7 +132,9 @@ def _streaming(run: Run, ranks: int) -> list[int]:
     return sorted(workers)  # started in rank order
 
 
-@pytest.mark.parametrize("victim", [1, 2], ids=["first-stage", "last-stage"])
+@pytest.mark.parametrize(
+    "victim", [pytest.param(1, marks=pytest.mark.slow), 2], ids=["first-stage", "last-stage"]
+)
 def test_a_killed_rank_of_any_stage_stops_every_rank(sets: dict[str, Path], victim: int) -> None:
     with Run(sets["tp2pp2"], "--mode", "distributed", "--max-new-tokens", "1000000") as run:
         workers = _streaming(run, 4)

@@ -212,6 +212,7 @@ def _three_ranks(group) -> None:
         assert len({r[0] for r in reports}) == 1 and len({r[1] for r in reports[1:]}) == 1, "results differ"
 
 
+@pytest.mark.slow  # 3 processes on 2 cores: 3-16 s
 def test_three_ranks_and_a_subgroup(no_leftovers) -> None:
     run(_three_ranks, (), nproc=3, device="cpu")
 

@@ -81,7 +81,7 @@ def generate(
         None,
         min=1,
         help="CPU threads per process (per rank when distributed). \\[default: OMP_NUM_THREADS if set, else 1 "
-        "for a model of under 8M parameters per process, else the CPUs shared among the ranks]",
+        "for a model of under 5M parameters per process, else the CPUs idle at start shared among the ranks]",
         show_default=False,
     ),
     tokenizer: Path | None = typer.Option(

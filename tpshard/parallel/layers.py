@@ -74,21 +74,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _split_linear(x: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor | None:
-    """x [M, in] times weight.T, the stored matrix cut into `parts` contiguous blocks of rows, one
-    per thread; None when it does not cut evenly (or the layout is neither of decode_layout's)."""
+    """x [M, in] times an [in, out]-stored weight (weight.t() holds its rows): those rows cut into
+    `parts` blocks, one per thread, multiplied as one batched product, the partial sums added up;
+    None when the inputs do not cut evenly."""
     out, inp = weight.shape
-    M = x.size(0)
-    if _transposed(weight):  # stored [in, out]: each block is a slice of the inputs, the partial sums add up
-        if inp % parts:
-            return None
-        blocks = weight.t().view(parts, inp // parts, out)
-        return torch.bmm(x.view(M, parts, inp // parts).transpose(0, 1), blocks).sum(0)
-    if weight.stride(1) == 1 and weight.stride(0) == inp:  # stored [out, in]: each block is a slice of the outputs
-        if out % parts:
-            return None
-        blocks = weight.view(parts, out // parts, inp).transpose(1, 2)
-        return torch.bmm(x.expand(parts, M, inp), blocks).transpose(0, 1).reshape(M, out)
-    return None
+    if not _transposed(weight) or inp % parts:
+        return None
+    blocks = weight.t().view(parts, inp // parts, out)
+    return torch.bmm(x.view(x.size(0), parts, inp // parts).transpose(0, 1), blocks).sum(0)
 
 
 def _transposed(weight: torch.Tensor) -> bool:

@@ -93,8 +93,13 @@ def check_finite(model: GPT, cast: torch.dtype | None = None) -> None:
     dtype too narrow for them): it would print garbage, or crash in the middle of sampling. Names
     the first such tensor. cast: the dtype the weights were cast to, if any."""
     for name, param in model.named_parameters():
-        bad = ~torch.isfinite(param)
-        if bad.any():
+        if not param.numel():
+            continue
+        # min and max are NaN or infinite when any value is: a reduction, where isfinite() would allocate
+        # a mask as large as the tensor (for GPT-2's output layer, 150 MiB more peak memory per rank)
+        low, high = torch.aminmax(param.detach())
+        if not (torch.isfinite(low) and torch.isfinite(high)):
+            bad = ~torch.isfinite(param)  # the error path only: count what is wrong
             nan = int(torch.isnan(param).sum())
             what = ", ".join(
                 f"{n:,} {kind}" for n, kind in ((nan, "NaN"), (int(bad.sum()) - nan, "infinite")) if n

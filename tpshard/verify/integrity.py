@@ -19,7 +19,7 @@ from tpshard.verify.report import FileCheck, Integrity, MergeCheck
 def check_integrity(shards: ShardSet, reference: Checkpoint | None, against: str | Path | None) -> Integrity:
     """Every rank file checked (none skipped because another failed), then the damage located and,
     with a reference, the merge compared bit for bit."""
-    files = [_check_file(shards, rank) for rank in range(shards.tp_size)]
+    files = [_check_file(shards, rank) for rank in range(shards.manifest.grid.world_size)]  # every stage's
     usable = reference is not None and _same_model(shards, reference) is None
     for check in files:
         if check.status == "corrupt":
@@ -112,16 +112,17 @@ def _locate_damage(shards: ShardSet, check: FileCheck, files: list[FileCheck], r
     """Which tensor holds the bad bytes: compare the file's tensors with the reference's pieces, or
     else its replicated tensors with an intact rank's copies (split tensors have nothing to compare to)."""
     m, rank = shards.manifest, check.rank
+    stage, tp_rank = m.grid.coordinates(rank)
     if reference is not None:
-        names = list(m.tensors)
-        expected = lambda name: plan.shard(name, reference.state_dict[name], rank, m.tp_size, m.vocab_parallel)  # noqa: E731
+        names = m.stage_tensors(stage)
+        expected = lambda name: plan.shard(name, reference.state_dict[name], tp_rank, m.tp_size, m.vocab_parallel)  # noqa: E731
         check.located_by = "compared with the --against checkpoint's piece for this rank"
     else:
-        intact = next((c.rank for c in files if c.status == "ok"), None)
+        intact = next((c.rank for c in files if c.status == "ok" and c.rank in m.grid.tp_group(rank)), None)
         if intact is None:
             check.located_by = "not located: no intact rank to compare with; pass --against CKPT to name the tensor"
             return
-        names = [n for n in m.tensors if plan.rule_for(n, m.vocab_parallel) is plan.Rule.REPLICATED]
+        names = [n for n in m.stage_tensors(stage) if plan.rule_for(n, m.vocab_parallel) is plan.Rule.REPLICATED]
         with open_safetensors(shards.rank_path(intact)) as f:
             replicas = {name: f.get_tensor(name) for name in names}
         expected = replicas.__getitem__
@@ -188,7 +189,7 @@ def _check_merge(
     if unreadable:
         merge.problem = f"not compared: {', '.join(unreadable)} cannot be read as this set's rank files"
         return merge
-    pieces = shards.load_pieces(list(range(m.tp_size)), checksum=False)
+    pieces = shards.load_pieces(list(range(m.grid.world_size)), checksum=False)  # the last stage's lm_head: wte's
     for name, ranks in pieces.items():
         merge.tensors += 1
         dense = reference.state_dict[name]
