@@ -1,26 +1,30 @@
 """verify's models in bounded memory: the dense and the simulated GPT, built as runtime.models builds
-them, but with every block left on the meta device (no memory) until the forward reaches it.
+them, but with their weights left on the meta device (no memory) until the forward reaches them.
 
-A block's weights are read when it runs (a forward pre-hook: the checkpoint's memory-mapped tensors,
-the shard set's pieces joined for the simulated ranks, or a shard set's pieces merged into the dense
-tensors) and let go when it is done (a forward hook: the parameters back on the meta device, the
-file pages read for them dropped from the process). Loading goes through what GPT.from_state_dict
-and Module.to do for a whole model, block by block (load_state_dict with assign, decode_layout, the
-cast to the shards' dtype), so the streamed model computes exactly what the resident one does: the
-same kernels on the same layouts, bit for bit (tests/test_bounded_memory.py holds it to that).
+Each block and the output layer is read when it runs (a forward pre-hook: the
+checkpoint's memory-mapped tensors, the shard set's pieces joined for the simulated ranks, or a shard
+set's pieces merged into the dense tensors) and let go when it is done (a forward hook: the parameters
+back on the meta device, the file pages read for them dropped from the process). Loading goes through
+what GPT.from_state_dict and Module.to do for a whole model, module by module (load_state_dict with
+assign, decode_layout, the cast to the shards' dtype), so the streamed model computes exactly what the
+resident one does: the same kernels on the same layouts, bit for bit (tests/test_bounded_memory.py
+holds it to that). The tied embedding and output layer are held each on its own: the embedding stays
+resident as the file's tensor (memory-mapped: no copy, its rows read as tokens look them up), the
+output layer is read when it runs, in decode_layout's transposed copy as the resident model's shared
+parameter is; the same values either way.
 
-The embeddings, ln_f and the output layer stay resident (the tied output layer in decode_layout's
-transposed copy, as resident). So a model holds the embeddings, one block at a time and its
-activations and KV cache; every forward reads every block again, greedy decoding's one token per
-forward included: memory bounded, at the price of reading (and, for the transposed or joined
-weights, copying) the model's bytes once per forward.
+So a model holds the embeddings (wte, wpe: mapped from the file, or joined in memory for a
+vocabulary-parallel set), ln_f and one streamed module's weights at a time (a block, or the output
+layer), besides its activations and KV cache. Every forward reads every block and the output layer
+again, greedy decoding's one token per forward included: memory bounded, at the price of reading
+(and, for the transposed or joined weights, copying) the model's bytes once per forward.
 """
 
 from collections.abc import Callable, Mapping
 
 import torch
 
-from tpshard.comm.collectives import Collectives
+from tpshard.comm.collectives import LOCAL, Collectives
 from tpshard.comm.counting import CountingCollectives
 from tpshard.config import GPTConfig
 from tpshard.convert import dense_tensors, mapped_pieces
@@ -44,13 +48,9 @@ def dense_model(source: Checkpoint | ShardSet, *, dtype: torch.dtype | None = No
     config = source.config if isinstance(source, Checkpoint) else source.manifest.config
 
     def read(names: list[str]) -> dict[str, torch.Tensor]:
-        state: dict[str, torch.Tensor] = {}
-        for name in names:  # a tied name after its source: one tensor for both, as in the checkpoint
-            tied = plan.TIED.get(name)
-            state[name] = state[tied] if tied in state else tensors[name]
-        return state
+        return {name: tensors[name] for name in names}
 
-    return _streamed(config, DENSE, Collectives(), read, dtype)
+    return _streamed(config, DENSE, LOCAL, read, dtype)
 
 
 def simulated_model(shards: ShardSet) -> GPT:
@@ -60,8 +60,8 @@ def simulated_model(shards: ShardSet) -> GPT:
     m = shards.manifest
     pieces = mapped_pieces(shards)  # memory-mapped, nothing read
 
-    def read(names: list[str]) -> dict[str, torch.Tensor]:
-        return plan.local_state_dict({name: pieces[name] for name in names if name in pieces}, m.vocab_parallel)
+    def read(names: list[str]) -> dict[str, torch.Tensor]:  # plan.local_state_dict's, a module at a time
+        return {name: plan.join_local_ranks(name, pieces[_stored(name, pieces)], m.vocab_parallel) for name in names}
 
     placement = Placement.simulated(m.tp_size, m.vocab_parallel, m.stages if m.grid.pp > 1 else None)
     return _streamed(m.config, placement, CountingCollectives(Collectives()), read, None, sources=pieces)
@@ -80,18 +80,24 @@ def _streamed(
     the block (by default, what read() returned)."""
     with torch.device("meta"):
         shell = GPT(config, placement, comm)
-    placeholders = shell.state_dict()  # meta tensors: the blocks stay empty
-    resident = [name for name in placeholders if not name.startswith(BLOCKS)]
-    model = GPT.from_state_dict(config, {**placeholders, **read(resident)}, placement, comm).to(dtype=dtype)
-    for layer, block in model.transformer.h.items():
-        loader = _BlockLoader(f"{BLOCKS}{layer}.", placeholders, read, dtype, sources)
-        block.register_forward_pre_hook(loader.load)
-        block.register_forward_hook(loader.unload)
+    placeholders = shell.state_dict()  # meta tensors: the streamed modules stay empty
+    streamed = [f"{BLOCKS}{layer}." for layer in shell.transformer.h] + (["lm_head."] if shell.last else [])
+    state = read([name for name in placeholders if not name.startswith(tuple(streamed))])
+    model = GPT.from_state_dict(config, placeholders | state, placement, comm)
+    if plan.EMBEDDING in state:  # GPT._tie made it the (empty) output layer's: it keeps its own tensor
+        model.transformer.wte.load_state_dict({"weight": state[plan.EMBEDDING]}, assign=True)
+    model = model.to(dtype=dtype)
+    for prefix in streamed:
+        module = model.get_submodule(prefix.removesuffix("."))
+        loader = _Loader(prefix, placeholders, read, dtype, sources)
+        module.register_forward_pre_hook(loader.load)
+        module.register_forward_hook(loader.unload)
     return model
 
 
-class _BlockLoader:
-    """One block's weights: read just before it runs, let go just after."""
+class _Loader:
+    """One module's weights (a block, the embedding, the output layer): read just before it runs, let
+    go just after."""
 
     def __init__(
         self,
@@ -104,23 +110,29 @@ class _BlockLoader:
         self.prefix, self.read, self.dtype, self.sources = prefix, read, dtype, sources
         self.names = [name for name in placeholders if name.startswith(prefix)]
         self.empty = {name.removeprefix(prefix): placeholders[name] for name in self.names}
-        self.held: list[torch.Tensor] = []  # what the block was loaded from: its file pages are dropped after
+        self.held: list[torch.Tensor] = []  # what the module was loaded from: its file pages are dropped after
         self.bytes = 0  # its weights' size
 
-    def load(self, block: torch.nn.Module, _args: tuple) -> None:
+    def load(self, module: torch.nn.Module, _args: tuple) -> None:
         state = {name.removeprefix(self.prefix): tensor for name, tensor in self.read(self.names).items()}
         if self.sources is None:
             self.held = list(state.values())
         else:
-            self.held = [piece for name in self.names for piece in self.sources.get(name, ())]
+            self.held = [piece for name in self.names for piece in self.sources[_stored(name, self.sources)]]
         self.bytes = sum(t.numel() * t.element_size() for t in state.values())
-        block.load_state_dict(state, assign=True)
-        decode_layout(block, state)  # as GPT.from_state_dict does for the whole model
-        block.to(dtype=self.dtype)
+        module.load_state_dict(state, assign=True)
+        decode_layout(module, state)  # as GPT.from_state_dict does for the whole model
+        module.to(dtype=self.dtype)
 
-    def unload(self, block: torch.nn.Module, _args: tuple, _output: torch.Tensor) -> None:
-        block.load_state_dict(self.empty, assign=True)
+    def unload(self, module: torch.nn.Module, _args: tuple, _output: torch.Tensor) -> None:
+        module.load_state_dict(self.empty, assign=True)
         for tensor in self.held:
             drop_file_pages(tensor)
         self.held = []
-        trim_free_memory(self.bytes)  # the block's weights, freed between the activations that live on
+        trim_free_memory(self.bytes)  # the weights, freed between the activations that live on
+
+
+def _stored(name: str, pieces: Mapping[str, list[torch.Tensor]]) -> str:
+    """The name a shard set stores a tensor under: the tied output layer is the embedding's pieces
+    unless the set holds the last stage's own copy."""
+    return name if name in pieces else plan.TIED.get(name, name)
