@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from tpshard.config import GPTConfig
 from tpshard.convert import split_checkpoint
+from tpshard.files import pages
 from tpshard.files.checkpoint import model_args
 from tpshard.files.paths import load_checkpoint
 from tpshard.files.shardset import ShardSet
@@ -199,9 +200,9 @@ def test_only_file_backed_pages_are_dropped(tmp_path: Path) -> None:
     torch.save({"t": data}, tmp_path / "t.pt")
     mapped = torch.load(tmp_path / "t.pt", mmap=True, weights_only=True)["t"]
     assert torch.equal(mapped, data)  # every page read: resident, from the file
-    assert layers.drop_file_pages(mapped)
+    assert pages.drop_file_pages(mapped)
     assert torch.equal(mapped, data)  # read again from the file
     mapped[mmap.PAGESIZE] = -1.0  # one page copied on write: anonymous memory
-    assert not layers.drop_file_pages(mapped)
+    assert not pages.drop_file_pages(mapped)
     assert mapped[mmap.PAGESIZE] == -1.0
-    assert not layers.drop_file_pages(data.clone())  # memory of its own
+    assert not pages.drop_file_pages(data.clone())  # memory of its own

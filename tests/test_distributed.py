@@ -181,24 +181,35 @@ def test_a_corrupt_rank_file_stops_every_rank(model: tuple[Path, Path], tmp_path
     assert re.fullmatch(r"tpshard: error: rank 1: \S*rank1-of-2.safetensors: sha256 differs .*\n", err)
 
 
+def streaming_workers(run: Run, ranks: int) -> list[int]:
+    """The run's rank processes, in rank order, once rank 0 prints (every rank is generating)."""
+    ready, _, _ = select.select([run.proc.stdout], [], [], 60)
+    assert ready and run.proc.stdout.read1(1)
+    workers = [p for p in run.watch() if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(workers) == ranks
+    return sorted(workers)  # started in rank order
+
+
+def kill_and_finish(run: Run, pid: int) -> str:
+    """SIGKILL pid; the run must end within 10 s with one error line naming a rank killed by SIGKILL,
+    no traceback and no process left. Returns that line."""
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    code, _, err = run.finish(timeout=30)
+    assert time.monotonic() - killed < 10
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code != 0 and len(errors) == 1, err
+    assert re.fullmatch(r"tpshard: error: rank \d+: died without reporting an error \(killed by SIGKILL\).*", errors[0])
+    assert "Traceback" not in err
+    assert_all_gone(run.seen)
+    return errors[0]
+
+
 def test_a_killed_rank_stops_every_rank(model: tuple[Path, Path]) -> None:
     _, shards = model
     with Run(shards, "--mode", "distributed", "--max-new-tokens", "1000000") as run:
-        ready, _, _ = select.select([run.proc.stdout], [], [], 60)
-        assert ready and run.proc.stdout.read1(1)  # rank 0 is streaming: every rank is generating
-        workers = [p for p in run.watch() if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
-        assert len(workers) == 2
-        os.kill(workers[-1], signal.SIGKILL)
-        killed = time.monotonic()
-        code, _, err = run.finish(timeout=30)
-        assert time.monotonic() - killed < 10
-    errors = [line for line in err.splitlines() if "error" in line]
-    assert code != 0 and len(errors) == 1, err
-    assert re.fullmatch(
-        r"tpshard: error: rank [01]: died without reporting an error \(killed by SIGKILL\).*", errors[0]
-    )
-    assert "Traceback" not in err
-    assert_all_gone(run.seen)
+        line = kill_and_finish(run, streaming_workers(run, 2)[-1])
+    assert re.match(r"tpshard: error: rank [01]: ", line)
 
 
 def test_a_rank_that_cannot_reach_the_store_gives_up(model: tuple[Path, Path]) -> None:

@@ -94,6 +94,12 @@ COMM_HELP = (
 )
 
 
+THREADS_HELP = (
+    "CPU threads per process (per rank when distributed). \\[default: OMP_NUM_THREADS if set, else 1 for a "
+    "model of under 5M parameters per process, else the CPUs idle at start shared among the ranks]"
+)
+
+
 @contextmanager
 def byte_progress(description: str, total: int, *, enabled: bool = True) -> Iterator:
     """A progress bar on stderr, shown only on a terminal and for work large enough to wait for."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from tpshard.cli.app import COMM_HELP, Comm, DType, app, expand_user, stderr
+from tpshard.cli.app import COMM_HELP, THREADS_HELP, Comm, DType, app, expand_user, stderr
 from tpshard.errors import TpshardError
 
 if TYPE_CHECKING:  # the CLI imports torch only inside commands
@@ -80,8 +80,7 @@ def generate(
     threads: int | None = typer.Option(
         None,
         min=1,
-        help="CPU threads per process (per rank when distributed). \\[default: OMP_NUM_THREADS if set, else 1 "
-        "for a model of under 5M parameters per process, else the CPUs idle at start shared among the ranks]",
+        help=THREADS_HELP,
         show_default=False,
     ),
     tokenizer: Path | None = typer.Option(

@@ -13,7 +13,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from tpshard.cli.app import COMM_HELP, Comm, app, expand_user, stderr, stdout
+from tpshard.cli.app import COMM_HELP, THREADS_HELP, Comm, app, expand_user, stderr, stdout
 
 if TYPE_CHECKING:  # the CLI imports torch only inside commands
     from tpshard.verify.report import Communication, Compared, Integrity, LayerError, Numerics, Oracle, Report
@@ -71,8 +71,7 @@ def verify(
     threads: int | None = typer.Option(
         None,
         min=1,
-        help="CPU threads per process (per rank when distributed). \\[default: OMP_NUM_THREADS if set, else 1 "
-        "for a model of under 5M parameters per process, else the CPUs idle at start shared among the ranks]",
+        help=THREADS_HELP,
         show_default=False,
     ),
     tokenizer: Path | None = typer.Option(

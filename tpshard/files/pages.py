@@ -33,22 +33,58 @@ def drop_file_pages(tensor: torch.Tensor) -> bool:
     # every page the elements touch, the first and last shared with neighbours included: a neighbour's
     # page dropped too comes back from the file when it is read
     start, end = first // page * page, -(-(first + span * tensor.element_size()) // page) * page
-    if end <= start:
+    entries = _pagemap(start, end)
+    if entries is None or _hold_data(entries) or not bool(((entries < 0) & ((entries & _FILE) != 0)).any()):
+        return False  # some page is anonymous (or swapped), or none is mapped from a file
+    return _madvise_dontneed(start, end)
+
+
+def backed_by_file(tensor: torch.Tensor) -> bool:
+    """Whether the whole pages inside a contiguous CPU tensor's bytes hold no data of their own: each
+    is not present, or backed by a file; none was written since it was mapped (copy-on-write) or
+    swapped out. Dropping them (drop_inner_pages) loses nothing. Linux only (False elsewhere)."""
+    if sys.platform != "linux" or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return False
+    entries = _pagemap(*_inner_pages(tensor))
+    return entries is not None and not _hold_data(entries)
+
+
+def drop_inner_pages(tensor: torch.Tensor) -> bool:
+    """Drop the whole pages inside a contiguous tensor's bytes (never a neighbour's), unchecked: for
+    the parts of a tensor found backed_by_file. True if they were."""
+    return _madvise_dontneed(*_inner_pages(tensor))
+
+
+def _inner_pages(tensor: torch.Tensor) -> tuple[int, int]:
+    """[start, end) addresses of the whole pages inside a contiguous tensor's bytes."""
+    page, first = mmap.PAGESIZE, tensor.data_ptr()
+    return -(-first // page) * page, (first + tensor.numel() * tensor.element_size()) // page * page
+
+
+def _pagemap(start: int, end: int) -> torch.Tensor | None:
+    """/proc/self/pagemap's entries for the pages of [start, end); None when there are none or it
+    cannot be read."""
+    page = mmap.PAGESIZE
+    if end <= start:
+        return None
     try:
         with open("/proc/self/pagemap", "rb") as f:
             f.seek(start // page * 8)
             raw = f.read((end - start) // page * 8)
     except OSError:
-        return False
+        return None
     entries = torch.frombuffer(bytearray(raw), dtype=torch.int64)
-    if entries.numel() != (end - start) // page:
-        return False
-    present = entries < 0  # bit 63
-    swapped, file = (entries & _SWAPPED) != 0, (entries & _FILE) != 0
-    if bool((swapped | (present & ~file)).any()) or not bool((present & file).any()):
-        return False  # some page is anonymous (or swapped), or none is mapped from a file
-    return _libc().madvise(start, end - start, MADV_DONTNEED) == 0
+    return entries if entries.numel() == (end - start) // page else None
+
+
+def _hold_data(entries: torch.Tensor) -> bool:
+    """Whether any of the pages holds data the file does not: present and anonymous, or swapped."""
+    present, swapped, file = entries < 0, (entries & _SWAPPED) != 0, (entries & _FILE) != 0  # bit 63: present
+    return bool((swapped | (present & ~file)).any())
+
+
+def _madvise_dontneed(start: int, end: int) -> bool:
+    return end > start and _libc().madvise(start, end - start, MADV_DONTNEED) == 0
 
 
 def trim_free_memory(freed: int) -> None:

@@ -122,7 +122,7 @@ class Stages:
         # the first for which stages of at most M bytes (at least one layer each) can hold every layer.
         candidates = sorted({k * block_bytes + e for e in extra for k in range(1, n_layer - pp + 2)})
         for bound in candidates:
-            room = [min(n_layer - pp + 1, (bound - e) // block_bytes) if block_bytes else n_layer for e in extra]
+            room = [min(n_layer - pp + 1, (bound - e) // block_bytes) for e in extra]
             if min(room) >= 1 and sum(room) >= n_layer:
                 return cls(_fill(room, n_layer))
         raise TpshardError(f"--pp {pp}: more stages than the model's {n_layer} layers")

@@ -34,15 +34,13 @@ there, within 5%). A prefill (more than DECODE_ROWS rows) is an ordinary matrix 
 either layout.
 """
 
-import ctypes
-import mmap
-import sys
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 from tpshard.comm.collectives import Collectives
+from tpshard.files.pages import backed_by_file, drop_inner_pages
 from tpshard.parallel import plan
 
 # Up to this many rows (batch x new tokens) a linear layer is a decode step, streaming its weight.
@@ -215,52 +213,5 @@ def _transposed_copy(weight: torch.Tensor, drop: bool) -> torch.Tensor:
             rows = weight[first : first + step]
             stored[:, first : first + step].copy_(rows.t())
             if drop:
-                _madvise_dontneed(rows)
+                drop_inner_pages(rows)
     return stored.t()
-
-
-MADV_DONTNEED = 4
-_SWAPPED, _FILE = 1 << 62, 1 << 61  # /proc/self/pagemap's bits (bit 63, present: the sign)
-
-
-def backed_by_file(tensor: torch.Tensor) -> bool:
-    """Whether a contiguous CPU tensor's memory holds no data of its own: each of its pages is not
-    present, or backed by a file (or the shared zero page); none was written since it was mapped
-    (copy-on-write: anonymous memory) or swapped out. Dropping such pages loses nothing. Linux, where
-    /proc/self/pagemap says; False elsewhere."""
-    if sys.platform != "linux" or tensor.device.type != "cpu" or not tensor.is_contiguous():
-        return False
-    start, end = _pages(tensor)
-    if end <= start:
-        return False
-    try:
-        with open("/proc/self/pagemap", "rb") as f:
-            f.seek(start // mmap.PAGESIZE * 8)
-            raw = f.read((end - start) // mmap.PAGESIZE * 8)
-    except OSError:
-        return False
-    entries = torch.frombuffer(bytearray(raw), dtype=torch.int64)
-    if entries.numel() != (end - start) // mmap.PAGESIZE:
-        return False
-    present, swapped, file = entries < 0, (entries & _SWAPPED) != 0, (entries & _FILE) != 0
-    return not bool((swapped | (present & ~file)).any())
-
-
-def drop_file_pages(tensor: torch.Tensor) -> bool:
-    """Drop a tensor's pages from this process if it is backed_by_file; True if they were."""
-    return backed_by_file(tensor) and _madvise_dontneed(tensor)
-
-
-def _pages(tensor: torch.Tensor) -> tuple[int, int]:
-    """The whole pages inside a contiguous tensor's bytes: [start, end) addresses."""
-    page, first = mmap.PAGESIZE, tensor.data_ptr()
-    return -(-first // page) * page, (first + tensor.numel() * tensor.element_size()) // page * page
-
-
-def _madvise_dontneed(tensor: torch.Tensor) -> bool:
-    start, end = _pages(tensor)
-    if end <= start:
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return libc.madvise(start, end - start, MADV_DONTNEED) == 0
