@@ -121,7 +121,7 @@ def test_streamed_models_compute_what_the_resident_ones_do(
         assert all(torch.equal(a, b) for a, b in zip(want.hidden, got.hidden, strict=True))
         for field in ("logits", "tokens", "top2"):
             assert torch.equal(getattr(want, field), getattr(got, field)), field
-        assert (want.forwards, want.stage_reductions) == (got.forwards, got.stage_reductions)
+        assert (want.forwards, want.stage_collectives) == (got.forwards, got.stage_collectives)
         assert all(p.device.type == "meta" for p in lazy.transformer.h.parameters())  # let go after the forward
 
 

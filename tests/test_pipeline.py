@@ -251,11 +251,11 @@ def test_simulated_pipeline_matches_dense_and_nanogpt(
     for ours, dense_h in zip(hidden, want_hidden, strict=True):
         torch.testing.assert_close(ours, dense_h, atol=1e-5, rtol=0)
     counted = trace(sharded, idx, 8, 0)
-    assert counted.stage_reductions == [
-        plan.stage_sync_points(CONFIG, shards.manifest.stage_plan, s) for s in range(pp)
+    assert counted.stage_collectives == [
+        (plan.stage_sync_points(CONFIG, shards.manifest.stage_plan, s), 0, 0) for s in range(pp)
     ]
-    assert counted.forwards[0][3] == pp - 1  # sends of one forward
-    assert counted.forwards[0][4] == (pp - 1) * idx.numel() * CONFIG.n_embd * 4
+    assert counted.forwards[0]["sends"] == pp - 1  # sends of one forward
+    assert counted.forwards[0]["sent_bytes"] == (pp - 1) * idx.numel() * CONFIG.n_embd * 4
 
 
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])

@@ -49,10 +49,13 @@ def reduce_expected(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(parts).sum(0)  # what ProcessGroupCollectives computes: all-gather, then sum(0)
 
 
-def check(name: str, got: torch.Tensor, expected: torch.Tensor, digest: "hashlib._Hash") -> None:
+def check(name: str, got: torch.Tensor, expected: torch.Tensor, digest: "hashlib._Hash | None") -> None:
+    """digest: what every rank must also get (compared across ranks at the end); None for a result that
+    is this rank's own (its chunk of a reduce-scatter)."""
     if got.dtype != expected.dtype or got.shape != expected.shape or not torch.equal(got, expected):
         raise AssertionError(f"{name}: {got.dtype} {tuple(got.shape)} differs from the expected result")
-    digest.update(got.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    if digest is not None:
+        digest.update(got.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
 
 
 def exercise(
@@ -67,6 +70,12 @@ def exercise(
                 parts = inputs(seed, world, shape, dtype)
                 check("reduce", comm.reduce_partials(parts[rank][None]), reduce_expected(parts), digest)
                 check("gather", comm.gather_logits(parts[rank]), torch.cat(parts, dim=-1), digest)
+                # sequence-parallel: shape is one rank's chunk (B, c, C) of a sequence of world * c positions
+                B, c, C = shape
+                whole = inputs(seed + 10_000, world, (B, world * c, C), dtype)
+                mine = reduce_expected(whole)[:, rank * c : (rank + 1) * c]
+                check("reduce-scatter", comm.reduce_scatter_sequence(whole[rank][None]), mine, None)
+                check("all-gather", comm.all_gather_sequence(parts[rank]), torch.cat(parts, dim=1), digest)
                 if dtype == torch.int64:
                     token = parts[rank].view(-1)[: 8 * (i + 1)].clone()
                     check("broadcast", comm.broadcast_token(token), parts[0].view(-1)[: 8 * (i + 1)], digest)
@@ -147,6 +156,12 @@ def _exchanges(group) -> None:
             "reduce vs gloo", small.reduce_partials(parts[rank][None]), gloo.reduce_partials(parts[rank][None]), digest
         )
         check("gather vs gloo", small.gather_logits(parts[rank]), gloo.gather_logits(parts[rank]), digest)
+        whole = inputs(8, world, (2, 3 * world, 1500), dtype)[rank][None]
+        scattered = small.reduce_scatter_sequence(whole)
+        check("reduce-scatter vs gloo", scattered, gloo.reduce_scatter_sequence(whole), None)
+        check("reduce-scatter vs reduce", scattered, gloo.reduce_partials(whole)[:, 3 * rank : 3 * rank + 3], None)
+        gathered = small.all_gather_sequence(parts[rank])
+        check("all-gather vs gloo", gathered, gloo.all_gather_sequence(parts[rank]), digest)
     assert small.seconds > 0 and other.seconds > 0
 
     # the factory: auto picks shm here; shm where it cannot serve says why and what to use

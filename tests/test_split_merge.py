@@ -160,8 +160,10 @@ def test_each_rank_holds_its_heads_q_k_v(fixture: str, config: GPTConfig, tp: in
         assert not torch.equal(qkv, ckpt.state_dict["transformer.h.0.attn.c_attn.weight"].chunk(tp)[rank])
 
 
-def bias_per_rank(linear: layers.RowParallelLinear, x: torch.Tensor, comm) -> torch.Tensor:
-    """The classic mistake: every rank adds the c_proj bias to its own partial sum, before the reduction."""
+def bias_per_rank(linear: layers.RowParallelLinear, x: torch.Tensor, comm, seq=None) -> torch.Tensor:
+    """The classic mistake: every rank adds the c_proj bias to its own partial sum, before the reduction
+    (tensor-parallel: seq, the sequence-parallel layout, is None here)."""
+    assert seq is None
     R, k = x.shape[2:]
     partials = torch.einsum("btrk,crk->rbtc", x, linear.weight.view(-1, R, k))
     if linear.bias is not None:

@@ -210,10 +210,12 @@ class Branch:
     steps: list[Step]
 
 
-def block_flow(config: GPTConfig, tp_size: int, itemsize: int) -> list[Branch]:
+def block_flow(config: GPTConfig, tp_size: int, itemsize: int, sequence_parallel: bool = False) -> list[Branch]:
     """One transformer block under tensor parallelism, from plan.BLOCK_PLAN: which linears are column
     or row split, and the all-reduce after each row-parallel one (its bias comes after: added once,
-    not once per rank)."""
+    not once per rank). sequence_parallel: the schedule of a forward of more than one token
+    (parallel/sequence.py): the LayerNorm and the residual add on each rank's chunk of the sequence,
+    an all-gather before each column-parallel module, a reduce-scatter in place of each all-reduce."""
     heads = config.n_head // tp_size
     width = heads * (config.n_embd // config.n_head)
     hidden = 4 * config.n_embd // tp_size
@@ -226,24 +228,35 @@ def block_flow(config: GPTConfig, tp_size: int, itemsize: int) -> list[Branch]:
         "mlp.c_proj": f"{hidden} inputs -> a partial sum of all {C} outputs",
     }
     sync_points = plan.block_sync_points()
+    per_token = f"{C} values x {itemsize} B per token"
+    moved = f"{C} x {itemsize} B per position, (N-1)/N of them moved per rank"
 
     def linear(module: str) -> list[Step]:
         rule = plan.BLOCK_PLAN[module]
+        number = sync_points.index(module if rule is plan.Rule.ROW else _pair(module)) + 1
         if rule is not plan.Rule.ROW:
             how = "column, per head" if rule is plan.Rule.QKV_COLUMN else "column"
-            return [Step(module, "column", f"{how}: {shapes[module]}")]
-        reduce = Step(
-            f"ALL-REDUCE #{sync_points.index(module) + 1}",
-            "all-reduce",
-            f"sum the {tp_size} ranks' partials: {C} values x {itemsize} B per token",
-        )
-        bias = [Step(f"+ {module}.bias", "add", "replicated, added once after the reduction")] if config.bias else []
+            step = Step(module, "column", f"{how}: {shapes[module]}")
+            gather = Step(f"ALL-GATHER #{number}", "all-gather", f"the whole sequence from the chunks: {moved}")
+            return [gather, step] if sequence_parallel else [step]
+        if sequence_parallel:
+            what = f"sum the {tp_size} ranks' partials, each keeps its chunk: {moved}"
+            reduce = Step(f"REDUCE-SCATTER #{number}", "reduce-scatter", what)
+        else:
+            reduce = Step(f"ALL-REDUCE #{number}", "all-reduce", f"sum the {tp_size} ranks' partials: {per_token}")
+        where = "to its chunk" if sequence_parallel else "after the reduction"
+        bias = [Step(f"+ {module}.bias", "add", f"replicated, added once {where}")] if config.bias else []
         return [Step(module, "row", f"row: {shapes[module]}"), reduce, *bias]
 
     def norm(name: str) -> Step:
+        if sequence_parallel:
+            return Step(name, "chunk", f"on this rank's chunk of the sequence: 1/{tp_size} of the positions")
         return Step(name, "replicated", f"every rank normalizes the whole residual stream ({C})")
 
-    residual = Step("+ residual", "add", "every rank holds the same full activations again")
+    if sequence_parallel:
+        residual = Step("+ residual", "chunk", f"on the chunk: each rank holds 1/{tp_size} of the residual stream")
+    else:
+        residual = Step("+ residual", "add", "every rank holds the same full activations again")
     attention = [
         norm("ln_1"),
         *linear("attn.c_attn"),
@@ -259,6 +272,50 @@ def block_flow(config: GPTConfig, tp_size: int, itemsize: int) -> list[Branch]:
         residual,
     ]
     return [Branch("attention", attention), Branch("mlp", mlp)]
+
+
+def _pair(column: str) -> str:
+    """The row-parallel module a column-parallel one feeds (attn.c_attn -> attn.c_proj)."""
+    return next(m for m in plan.block_sync_points() if m.split(".")[0] == column.split(".")[0])
+
+
+@dataclass
+class SequenceSchedule:
+    """inspect --sequence-parallel: what a forward of more than one token does (parallel/sequence.py)."""
+
+    block: list[Branch]  # one block's schedule
+    after_blocks: list[Step]  # the last stage: ln_f on the chunk, the all-gather, the output layer
+    reduce_scatters_per_forward: int  # summed over the stages
+    all_gathers_per_forward: int
+    moved_bytes_per_token: int  # by both, per rank, for a length tp divides: (N-1)/N of each's activations
+    all_reduce_bytes_per_token: int  # what the tensor-parallel schedule reduces instead, for comparison
+    residual_bytes_per_token: int  # one rank's share of the residual stream (the whole of it at tp 1)
+    decode: str  # what a one-token step runs
+
+
+def sequence_schedule(
+    config: GPTConfig, dtype: torch.dtype, tp: int, stages: Stages, vocab_parallel: bool = False
+) -> SequenceSchedule:
+    counts = [plan.stage_sequence_collectives(config, stages, s, vocab_parallel) for s in range(stages.pp)]
+    scatters, gathers = (sum(c) for c in zip(*counts, strict=True))
+    width = config.n_embd * dtype.itemsize
+    moved = f"the whole sequence for the output layer: {config.n_embd} x {dtype.itemsize} B per position"
+    after = [
+        Step("ln_f", "chunk", "on the chunk"),
+        Step("ALL-GATHER", "all-gather", moved),
+        Step("lm_head", "replicated" if not vocab_parallel else "column", "the logits of every position"),
+    ]
+    return SequenceSchedule(
+        block=block_flow(config, tp, dtype.itemsize, sequence_parallel=True),
+        after_blocks=after,
+        reduce_scatters_per_forward=scatters,
+        all_gathers_per_forward=gathers,
+        moved_bytes_per_token=(scatters + gathers) * width * (tp - 1) // tp,
+        all_reduce_bytes_per_token=plan.sync_points(config, vocab_parallel) * width,
+        residual_bytes_per_token=width // tp,
+        decode=f"a one-token decode step has nothing to cut: the tensor-parallel schedule, "
+        f"{plan.sync_points(config, vocab_parallel)} all-reduces per forward",
+    )
 
 
 # --- a checkpoint ---------------------------------------------------------------------------------
@@ -289,6 +346,7 @@ class CheckpointReport:
     sha256: str | None  # with checksums=True
     plan: SplitPlan
     stages: list[StageFacts] | None = None  # with pp > 1
+    sequence: SequenceSchedule | None = None  # with sequence_parallel
     kind: str = "checkpoint"
 
 
@@ -343,13 +401,16 @@ def inspect_checkpoint(
     stage_layers: Stages | None = None,
     vocab_parallel: bool = False,
     checksums: bool = False,
+    sequence_parallel: bool = False,
 ) -> CheckpointReport:
     ckpt = load_checkpoint(path)
     split = split_plan(ckpt.config, ckpt.dtype, tp, vocab_parallel)  # refuses a bad tp before anything slow
     stages = None
+    chosen = Stages.one(ckpt.config.n_layer)
     if pp > 1 or stage_layers is not None:
         chosen = choose_stages(ckpt.config, pp, stage_layers, tp, vocab_parallel)
         stages = stage_plan(ckpt.config, ckpt.dtype, tp, chosen, vocab_parallel)
+    sequence = sequence_schedule(ckpt.config, ckpt.dtype, tp, chosen, vocab_parallel) if sequence_parallel else None
     stored = [t for name, t in ckpt.state_dict.items() if name not in plan.TIED]
     tokenizer, note = _tokenizer(ckpt)
     is_pt = _format(path) == "nanoGPT ckpt.pt"
@@ -371,6 +432,7 @@ def inspect_checkpoint(
         sha256=sha256_file(path) if checksums and path.is_file() else None,
         plan=split,
         stages=stages,
+        sequence=sequence,
     )
 
 
@@ -418,6 +480,7 @@ class ShardSetReport:
     integrity: IntegritySummary
     pp_size: int = 1
     stages: list[StageFacts] | None = None  # with pp > 1
+    sequence: SequenceSchedule | None = None  # with sequence_parallel
     kind: str = "shards"
 
 
@@ -429,7 +492,7 @@ def _check_rank(shards: ShardSet, rank: int, checksums: bool) -> str | None:
     return None
 
 
-def inspect_shards(path: Path, *, checksums: bool = False) -> ShardSetReport:
+def inspect_shards(path: Path, *, checksums: bool = False, sequence_parallel: bool = False) -> ShardSetReport:
     shards = ShardSet.open(path)
     m = shards.manifest
     split = split_plan(m.config, m.dtype, m.tp_size, m.vocab_parallel)
@@ -479,6 +542,9 @@ def inspect_shards(path: Path, *, checksums: bool = False) -> ShardSetReport:
         ),
         pp_size=m.grid.pp,
         stages=stage_plan(m.config, m.dtype, m.tp_size, m.stage_plan, m.vocab_parallel) if m.grid.pp > 1 else None,
+        sequence=sequence_schedule(m.config, m.dtype, m.tp_size, m.stage_plan, m.vocab_parallel)
+        if sequence_parallel
+        else None,
     )
 
 
@@ -573,10 +639,11 @@ def inspect_path(
     stage_layers: Stages | None = None,
     vocab_parallel: bool = False,
     checksums: bool = False,
+    sequence_parallel: bool = False,
 ) -> Report:
     """Whatever is at path: a shard directory, a rank file, or a dense checkpoint (tp, pp and
     stage_layers: how to split it, tp 1 and pp 1 when None; for shards and rank files they must be
-    the set's own, if given)."""
+    the set's own, if given). sequence_parallel: also the schedule of a sequence-parallel forward."""
     path = Path(path)
     kind = kind_of(path)
     if kind is Kind.MISSING:
@@ -594,13 +661,15 @@ def inspect_path(
                 f"--pp/--stage-layers: {path} is already split into {grid.pp} stage(s); reshard it: "
                 f"tpshard reshard {path} --tp {grid.tp} --pp P -o OUT"
             )
-        return inspect_shards(path, checksums=checksums)
+        return inspect_shards(path, checksums=checksums, sequence_parallel=sequence_parallel)
     if kind is Kind.NANOGPT_OUT_DIR:
         path = checkpoint_file(path)  # described as the ckpt.pt it holds, as sample.py's --out_dir reads it
     if kind is Kind.RANK_FILE:
         identity = rank_file_identity(path)
         assert identity is not None
         _already_split(path, identity[1], tp, vocab_parallel)
+        if sequence_parallel:
+            raise TpshardError(f"--sequence-parallel: {path} is one rank's file; inspect its directory {path.parent}")
         return inspect_rank_file(path, checksums=checksums)
     return inspect_checkpoint(
         path,
@@ -609,6 +678,7 @@ def inspect_path(
         stage_layers=stage_layers,
         vocab_parallel=vocab_parallel,
         checksums=checksums,
+        sequence_parallel=sequence_parallel,
     )
 
 

@@ -117,6 +117,11 @@ class Stats:
     sync_points: int = 0  # reductions done (counted by CountingCollectives); 0 for a dense model
     sync_bytes: int = 0  # bytes those reductions produced, per rank
     sync_median_seconds: float = 0.0  # one reduction's median wall time (decode steps and prefill alike)
+    sequence_parallel: bool = False  # forwards of more than one token ran the sequence-parallel schedule
+    long_forwards: int = 0  # forwards of more than one token: the prompt's, and windows recomputed past block_size
+    scatters: int = 0  # sequence-parallel reduce-scatters
+    gathers: int = 0  # and all-gathers
+    sequence_bytes: int = 0  # of the whole-sequence activations they span, per rank
     sends: int = 0  # activations handed to the next pipeline stage
     sent_bytes: int = 0
     comm_seconds: float = 0.0  # in cross-process collectives (waiting for the slowest rank included)
@@ -168,18 +173,25 @@ class Runner:
         idx = torch.tensor([prompt], dtype=torch.long, device=self.device)
         self._stats.samples += 1
         tokens = generate(self.model, idx, max_new_tokens, self._pick)
-        start = time.perf_counter()
-        for i, token in enumerate(tokens):
-            value = int(token[0])  # waits for the device, so the time below is real
-            elapsed = time.perf_counter() - start
-            if i == 0:
-                self._stats.prefill_seconds += elapsed
-            else:
-                self._stats.decode_seconds += elapsed
-            self._stats.new_tokens += 1
-            self._stats.forwards += 1  # each token took one: the prompt's, a step's, or a cropped window's
-            yield value
-            start = time.perf_counter()  # the consumer's time (printing) is not the model's
+        hook = self.model.register_forward_pre_hook(self._count_long)
+        try:
+            start = time.perf_counter()
+            for i, token in enumerate(tokens):
+                value = int(token[0])  # waits for the device, so the time below is real
+                elapsed = time.perf_counter() - start
+                if i == 0:
+                    self._stats.prefill_seconds += elapsed
+                else:
+                    self._stats.decode_seconds += elapsed
+                self._stats.new_tokens += 1
+                self._stats.forwards += 1  # each token took one: the prompt's, a step's, or a cropped window's
+                yield value
+                start = time.perf_counter()  # the consumer's time (printing) is not the model's
+        finally:
+            hook.remove()
+
+    def _count_long(self, _model: GPT, args: tuple) -> None:
+        self._stats.long_forwards += int(args[0].size(1) > 1)
 
     def stats(self) -> Stats:
         counted = self.comm if isinstance(self.comm, CountingCollectives) else CountingCollectives(self.comm)
@@ -188,6 +200,10 @@ class Runner:
             sync_points=counted.calls,
             sync_bytes=counted.bytes,
             sync_median_seconds=statistics.median(counted.sync_seconds) if counted.sync_seconds else 0.0,
+            sequence_parallel=self.model.sequence_parallel,
+            scatters=counted.scatters,
+            gathers=counted.gathers,
+            sequence_bytes=counted.sequence_bytes,
             sends=counted.sends,
             sent_bytes=counted.sent_bytes,
             comm_seconds=self.comm.seconds,

@@ -13,6 +13,11 @@ With a vocab-parallel placement the embedding table is split by vocabulary rows 
 looks up the tokens in its range (zeros elsewhere), those partial embeddings are reduced like the
 others, and the tied lm_head gives each rank the logits of its slice, which are gathered.
 
+With sequence_parallel, a forward of more than one token keeps the residual stream cut along the
+sequence between the sync points (parallel/sequence.py): each reduction becomes a reduce-scatter and
+each block's input to attention and to the MLP an all-gather. A one-token decode step runs the
+tensor-parallel schedule.
+
 All communication goes through `comm` (tpshard.comm): the model never knows which runtime it is in.
 """
 
@@ -25,6 +30,7 @@ from tpshard.config import GPTConfig
 from tpshard.parallel import plan
 from tpshard.parallel.grid import DENSE, Placement, check_tp
 from tpshard.parallel.layers import Linear, decode_layout, embedding, parallel_linear, vocab_parallel_embed
+from tpshard.parallel.sequence import SequenceSplit
 
 
 class KVCache:
@@ -61,7 +67,9 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = parallel_linear("attn.c_attn", C, 3 * width, bias=bias, local_ranks=R)
         self.c_proj = parallel_linear("attn.c_proj", width, C, bias=bias, local_ranks=R)
 
-    def forward(self, x: torch.Tensor, layer: int, cache: KVCache | None, comm: Collectives) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, layer: int, cache: KVCache | None, comm: Collectives, seq: SequenceSplit | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         R, h, hs = self.local_ranks, self.heads_per_rank, self.head_size
         # each local rank's output columns are [q_r; k_r; v_r] for its own heads
@@ -71,9 +79,12 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             start = cache.length
             k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(start, T, x.device))
+        if start == 0 and T > 1:  # a prefill: the kernel's own causal mask, none materialized ([T, T] floats)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(start, T, x.device))
         y = y.transpose(1, 2).reshape(B, T, R, h * hs)  # each local rank's heads together
-        return self.c_proj(y, comm)
+        return self.c_proj(y, comm, seq)
 
 
 def _causal_mask(start: int, T: int, device: torch.device) -> torch.Tensor | None:
@@ -95,10 +106,14 @@ class MLP(nn.Module):
         self.c_fc = parallel_linear("mlp.c_fc", C, hidden, bias=bias, local_ranks=R)
         self.c_proj = parallel_linear("mlp.c_proj", hidden, C, bias=bias, local_ranks=R)
 
-    def forward(self, x: torch.Tensor, comm: Collectives) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, comm: Collectives, seq: SequenceSplit | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        h = F.gelu(self.c_fc(x), approximate=self.approximate)
-        return self.c_proj(h.view(B, T, self.local_ranks, -1), comm)  # (B, T, R, hidden per rank)
+        h = self.c_fc(x)
+        if torch.is_grad_enabled():
+            h = F.gelu(h, approximate=self.approximate)
+        else:  # in place: the hidden units, the largest activation of a prefill, held once
+            torch.ops.aten.gelu_(h, approximate=self.approximate)
+        return self.c_proj(h.view(B, T, self.local_ranks, -1), comm, seq)  # (B, T, R, hidden per rank)
 
 
 class Block(nn.Module):
@@ -109,12 +124,22 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config, placement)
 
-    def forward(self, x: torch.Tensor, layer: int, cache: KVCache | None, comm: Collectives) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), layer, cache, comm)
-        return x + self.mlp(self.ln_2(x), comm)
+    def forward(
+        self, x: torch.Tensor, layer: int, cache: KVCache | None, comm: Collectives, seq: SequenceSplit | None = None
+    ) -> torch.Tensor:
+        """x [B, T, C]; sequence-parallel, this process's chunks [B, R*c, C] (and so is the output)."""
+        x = x + self.attn(_whole(self.ln_1(x), seq, comm), layer, cache, comm, seq)
+        return x + self.mlp(_whole(self.ln_2(x), seq, comm), comm, seq)
+
+
+def _whole(x: torch.Tensor, seq: SequenceSplit | None, comm: Collectives) -> torch.Tensor:
+    """The whole sequence a column-parallel layer multiplies: sequence-parallel, all-gathered."""
+    return x if seq is None else seq.gather(x, comm)
 
 
 class GPT(nn.Module):
+    sequence_parallel = False  # cut forwards of more than one token along the sequence (parallel/sequence.py)
+
     def __init__(self, config: GPTConfig, placement: Placement = DENSE, comm: Collectives = LOCAL):
         super().__init__()
         check_tp(config, placement.tp_size)
@@ -185,19 +210,20 @@ class GPT(nn.Module):
         if start + T > limit:
             what = "block_size" if limit == self.config.block_size else "the KV cache's capacity"
             raise ValueError(f"sequence of {start + T} tokens exceeds {what} {limit}")
+        seq = self.sequence_split(T)
         x = torch.empty(0)
         for stage in self.placement.hosted:
             if stage == 0:
-                pos = torch.arange(start, start + T, device=idx.device)
-                x = self.embed(idx) + self.transformer.wpe(pos)  # (B, T, C)
+                x = self.embed(idx, seq) + self.positions(start, T, seq)  # (B, T, C), or the chunks (B, R*c, C)
                 if hidden_states is not None:
-                    hidden_states.append(x)
+                    hidden_states.append(x if seq is None else seq.real_rows(x))
             else:
-                x = self.comm.recv_forward((B, T, self.config.n_embd), self.dtype, idx.device)
+                rows = T if seq is None else seq.chunk * len(self.placement.ranks)
+                x = self.comm.recv_forward((B, rows, self.config.n_embd), self.dtype, idx.device)
             for layer in self.stages.blocks(stage):
-                x = self.transformer.h[str(layer)](x, layer, cache, self.comm)
+                x = self.transformer.h[str(layer)](x, layer, cache, self.comm, seq)
                 if hidden_states is not None:
-                    hidden_states.append(x)
+                    hidden_states.append(x if seq is None else seq.real_rows(x))
             if stage < self.stages.pp - 1:
                 self.comm.send_forward(x)
         if cache is not None:
@@ -205,12 +231,21 @@ class GPT(nn.Module):
         if not self.last:
             return x.new_empty(B, 1 if last_only else T, 0)
         x = self.transformer.ln_f(x)
+        if seq is not None:
+            x = seq.gather(x, self.comm)  # the output layer's input: the whole sequence
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(x)
         if self.placement.vocab_parallel:
             logits = self.comm.gather_logits(logits)[..., : self.config.vocab_size]  # drop the padding rows' logits
         return logits
+
+    def sequence_split(self, T: int) -> SequenceSplit | None:
+        """How a forward of T tokens is cut along the sequence: None for the tensor-parallel schedule
+        (not sequence_parallel, or a one-token step: nothing to cut)."""
+        if not self.sequence_parallel or T == 1:
+            return None
+        return SequenceSplit.of(T, self.placement.tp_size, self.placement.ranks)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -220,7 +255,15 @@ class GPT(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        if not self.placement.vocab_parallel:
-            return self.transformer.wte(idx)
-        return vocab_parallel_embed(self.transformer.wte, idx, self.placement.ranks, self.vocab_slice, self.comm)
+    def embed(self, idx: torch.Tensor, seq: SequenceSplit | None = None) -> torch.Tensor:
+        """The token embeddings (B, T, C); sequence-parallel, this process's chunks (B, R*c, C)."""
+        if self.placement.vocab_parallel:  # reduced, or reduce-scattered, like a row-parallel output
+            ranks, rows = self.placement.ranks, self.vocab_slice
+            return vocab_parallel_embed(self.transformer.wte, idx, ranks, rows, self.comm, seq)
+        x = self.transformer.wte(idx)
+        return x if seq is None else seq.scatter(x)
+
+    def positions(self, start: int, T: int, seq: SequenceSplit | None = None) -> torch.Tensor:
+        """The position embeddings of positions start .. start+T-1: (T, C), or the chunks (1, R*c, C)."""
+        x = self.transformer.wpe(torch.arange(start, start + T, device=self.transformer.wpe.weight.device))
+        return x if seq is None else seq.scatter(x[None])

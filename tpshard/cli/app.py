@@ -94,6 +94,15 @@ COMM_HELP = (
 )
 
 
+SEQUENCE_PARALLEL_HELP = (
+    "Megatron's sequence parallelism for every forward of more than one token (the prompt, and each window "
+    "recomputed once the text outgrows block_size): between the sync points each rank holds its chunk of the "
+    "sequence (LayerNorms and residual adds on 1/tp of the positions), each all-reduce becomes a reduce-scatter "
+    "and an all-gather brings the sequence back before attention and the MLP. A length tp does not divide is "
+    "padded at the end. One-token decode steps keep the tensor-parallel schedule. Same tokens and logits."
+)
+
+
 THREADS_HELP = (
     "CPU threads per process (per rank when distributed). \\[default: OMP_NUM_THREADS if set, else 1 for a "
     "model of under 5M parameters per process, else the CPUs idle at start shared among the ranks]"

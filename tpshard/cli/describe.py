@@ -17,9 +17,24 @@ from rich.tree import Tree
 from tpshard.cli.app import app, expand_user, stdout
 
 if TYPE_CHECKING:  # the CLI imports torch only inside commands
-    from tpshard.describe import CheckpointReport, RankFileReport, ShardSetReport, SplitPlan, StageFacts
+    from tpshard.describe import (
+        CheckpointReport,
+        RankFileReport,
+        SequenceSchedule,
+        ShardSetReport,
+        SplitPlan,
+        StageFacts,
+    )
 
-KIND_STYLES = {"column": "cyan", "row": "magenta", "all-reduce": "bold red", "local": "green"}
+KIND_STYLES = {
+    "column": "cyan",
+    "row": "magenta",
+    "all-reduce": "bold red",
+    "reduce-scatter": "bold red",
+    "all-gather": "bold yellow",
+    "local": "green",
+    "chunk": "blue",
+}
 
 
 @app.command()
@@ -41,6 +56,12 @@ def inspect(
     ),
     vocab_parallel: bool = typer.Option(
         False, "--vocab-parallel", help="Plan the split as split --vocab-parallel would (wte by vocabulary rows)."
+    ),
+    sequence_parallel: bool = typer.Option(
+        False,
+        "--sequence-parallel",
+        help="Also show the schedule of a sequence-parallel forward (generate/verify --sequence-parallel): what "
+        "runs on each rank's chunk of the sequence, where each all-gather and reduce-scatter sits, what they move.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the facts as one JSON document on stdout, nothing else."),
     checksums: bool = typer.Option(
@@ -67,12 +88,22 @@ def inspect(
         tpshard inspect shards --checksums
 
         tpshard inspect shards/rank0-of-2.safetensors --json
+
+        tpshard inspect shards --sequence-parallel
     """
     from tpshard.describe import CheckpointReport, ShardSetReport, inspect_path, to_json
     from tpshard.parallel.grid import Stages
 
     layers = Stages.parse(stage_layers) if stage_layers is not None else None
-    report = inspect_path(path, tp=tp, pp=pp, stage_layers=layers, vocab_parallel=vocab_parallel, checksums=checksums)
+    report = inspect_path(
+        path,
+        tp=tp,
+        pp=pp,
+        stage_layers=layers,
+        vocab_parallel=vocab_parallel,
+        checksums=checksums,
+        sequence_parallel=sequence_parallel,
+    )
     failed = (isinstance(report, ShardSetReport) and not report.integrity.ok) or getattr(
         report, "sha256_matches", None
     ) is False
@@ -114,6 +145,9 @@ def _checkpoint(out: Console, r: "CheckpointReport") -> None:
     if r.stages:
         out.print()
         _stages(out, r.stages)
+    if r.sequence:
+        out.print()
+        _sequence(out, r.sequence, r.plan.tp_size)
 
 
 def _stages(out: Console, stages: "list[StageFacts]") -> None:
@@ -253,6 +287,9 @@ def _shards(out: Console, r: "ShardSetReport") -> None:
         out.print()
     out.print(_block_tree(r))
     out.print()
+    if r.sequence:
+        _sequence(out, r.sequence, r.tp_size)
+        out.print()
     out.print(_integrity(r))
 
 
@@ -284,6 +321,31 @@ def _block_tree(r: "ShardSetReport") -> Tree:
             style = KIND_STYLES.get(step.kind, "")
             node.add(Text.assemble((step.op.ljust(width), style or "bold"), "  ", (step.detail, "dim")))
     return tree
+
+
+def _sequence(out: Console, s: "SequenceSchedule", tp: int) -> None:
+    """inspect --sequence-parallel: one block's schedule, what follows the last block, and the figures."""
+    counts = f"{s.reduce_scatters_per_forward} reduce-scatters + {s.all_gathers_per_forward} all-gathers per forward"
+    title = ("a forward of more than one token, sequence-parallel", "bold")
+    tree = Tree(Text.assemble(title, f" at tp {tp}: {counts}"))
+    branches = [(b.name, b.steps) for b in s.block] + [("after the last block", s.after_blocks)]
+    width = max(len(step.op) for _, steps in branches for step in steps)
+    for name, steps in branches:
+        node = tree.add(Text(name, style="bold"))
+        for step in steps:
+            op = (step.op.ljust(width), KIND_STYLES.get(step.kind, "") or "bold")
+            node.add(Text.assemble(op, "  ", (step.detail, "dim")))
+    out.print(tree)
+    facts = _facts()
+    facts.add_row(
+        "moved",
+        f"{_size(s.moved_bytes_per_token, exact=True)} per rank per token of a prompt: (N-1)/N of each collective's "
+        f"activations (the tensor-parallel schedule all-reduces {_size(s.all_reduce_bytes_per_token, exact=True)} "
+        f"per token; a ring all-reduce moves 2(N-1)/N of that: about the same bytes)",
+    )
+    facts.add_row("residual stream", f"{_size(s.residual_bytes_per_token, exact=True)} per token per rank: 1/{tp}")
+    facts.add_row("decode", s.decode)
+    out.print(facts)
 
 
 def _integrity(r: "ShardSetReport") -> Text:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from tpshard.cli.app import COMM_HELP, THREADS_HELP, Comm, DType, app, expand_user, stderr
+from tpshard.cli.app import COMM_HELP, SEQUENCE_PARALLEL_HELP, THREADS_HELP, Comm, DType, app, expand_user, stderr
 from tpshard.errors import TpshardError
 
 if TYPE_CHECKING:  # the CLI imports torch only inside commands
@@ -53,6 +53,9 @@ def generate(
         help="Ranks (processes when distributed); must be the shard set's tp x pp. \\[default: its tp x pp]",
     ),
     comm: Comm = typer.Option(Comm.auto, "--comm", help=COMM_HELP),
+    sequence_parallel: bool = typer.Option(
+        False, "--sequence-parallel", help=SEQUENCE_PARALLEL_HELP + " Simulated and distributed runs."
+    ),
     spread_tp: bool = typer.Option(
         False,
         "--spread-tp",
@@ -111,6 +114,8 @@ def generate(
 
         tpshard generate shards --mode distributed --num-samples 3 --seed 7
 
+        tpshard generate shards --mode distributed --sequence-parallel --prompt-file long.txt --stats
+
         torchrun --nproc-per-node 2 -m tpshard generate shards --mode distributed
 
         torchrun --nnodes 2 --nproc-per-node 2 --node-rank R --master-addr HOST -m tpshard generate \\
@@ -139,6 +144,11 @@ def generate(
     shards = opened if isinstance(opened, ShardSet) else None
     mode = mode or (Mode.simulated if shards else Mode.dense)
     _check_layout(source, mode, shards, nproc)
+    if sequence_parallel and mode is Mode.dense:
+        raise TpshardError(
+            "--sequence-parallel cuts the sequence across a shard set's tensor-parallel ranks; a dense run has "
+            "one: use --mode simulated or distributed with a shard set"
+        )
     if shards is not None:
         config, dataset = shards.manifest.config, shards.manifest.dataset
         tokenizer = tokenizer or shards.tokenizer_path  # the one shipped in the set, whatever its name
@@ -155,6 +165,7 @@ def generate(
         num_samples=num_samples,
         dtype=DTYPES[dtype.value] if dtype else None,
         show_stats=stats,
+        sequence_parallel=sequence_parallel,
     )
     ranks = shards.manifest.grid.world_size if shards is not None and mode is Mode.distributed else 1
     ctx.with_resource(for_run(config, ranks, threads))  # this process's threads, and each rank's (runtime/threads.py)
@@ -170,8 +181,8 @@ def generate(
         label = "dense"
     else:
         assert shards is not None
-        model = simulated_model(shards, device=where, dtype=request.dtype)
-        label = f"simulated {grid_label(shards.manifest.grid)} (one process)"
+        model = simulated_model(shards, device=where, dtype=request.dtype, sequence_parallel=sequence_parallel)
+        label = f"simulated {grid_label(shards.manifest.grid, sequence_parallel)} (one process)"
     sink = TerminalSink(tok)
     run_stats = generate_samples(model, request, label, sink)
     if stats:
@@ -292,20 +303,25 @@ def _report(run_stats: "Stats", request: "Request", ranks: "list[RankUsage] | No
         "prefill", f"{1e3 * s.prefill_seconds / s.samples:.1f} ms per sample (prompt: {len(request.prompt)} tokens)"
     )
     pipelined = ranks is not None and len({u.stage for u in ranks}) > 1
+    firsts = []  # tp rank 0 of each stage
     if pipelined:
         assert ranks is not None
-        stages = sorted({u.stage for u in ranks})
-        firsts = [next(u for u in ranks if u.stage == stage) for stage in stages]  # tp rank 0 of each stage
-        per_stage = " + ".join(str(u.sync_points // s.forwards) for u in firsts)
-        table.add_row("sync points", f"{per_stage} per forward, stage by stage (each in its tensor-parallel group)")
+        firsts = [next(u for u in ranks if u.stage == stage) for stage in sorted({u.stage for u in ranks})]
+    # sequence-parallel: the forwards of more than one token hold no reduction; the sync points are the steps'
+    steps = s.forwards - s.long_forwards if s.sequence_parallel else s.forwards
+    if s.sequence_parallel:
+        _sequence_rows(table, s, firsts)
+    if pipelined:
+        per_stage = " + ".join(str(u.sync_points // max(1, steps)) for u in firsts)
+        table.add_row("sync points", f"{per_stage} per {_step(s)}, stage by stage (each in its tensor-parallel group)")
         sends = sum(u.sends for u in firsts)
         table.add_row("stage hand-overs", f"{sends / s.forwards:g} sends per forward per tensor-parallel rank")
     elif s.sync_points:
-        table.add_row("sync points", f"{s.sync_points / s.forwards:g} per forward ({s.sync_points} in {s.forwards})")
+        table.add_row("sync points", f"{s.sync_points / steps:g} per {_step(s)} ({s.sync_points} in {steps})")
         table.add_row("reduced", f"{_size(s.sync_bytes)} of activations per rank, counted at each sync point")
         if s.sends:  # simulated stages: handed over in memory
             table.add_row("stage hand-overs", f"{s.sends / s.forwards:g} per forward, in this process")
-    else:
+    elif not s.sequence_parallel:
         table.add_row("sync points", "none (dense)")
     if ranks is not None:
         share = 100 * s.comm_seconds / (s.prefill_seconds + s.decode_seconds)
@@ -329,6 +345,28 @@ def _report(run_stats: "Stats", request: "Request", ranks: "list[RankUsage] | No
             cells = [_size(usage.shard_bytes), _size(usage.peak_rss), f"{usage.comm_seconds:.3f} s"]
             per_rank.add_row(str(rank), *([str(usage.stage)] if pipelined else []), *cells)
         stderr.print(per_rank)
+
+
+def _step(s: "Stats") -> str:
+    return "one-token step" if s.sequence_parallel else "forward"
+
+
+def _sequence_rows(table: Table, s: "Stats", stages: "list[RankUsage]") -> None:
+    """--stats of a sequence-parallel run: which forwards ran which schedule, and what they exchanged
+    (stages: tp rank 0 of each pipeline stage, when there are several)."""
+    steps = s.forwards - s.long_forwards
+    long = f"{s.long_forwards} forward(s) of more than one token (the prompt; windows past block_size)"
+    table.add_row("schedule", f"sequence-parallel for {long}; tensor-parallel for {steps} one-token step(s)")
+    if not s.long_forwards:
+        return
+    if stages:
+        scatters = " + ".join(f"{u.scatters // s.long_forwards}" for u in stages)
+        gathers = " + ".join(f"{u.gathers // s.long_forwards}" for u in stages)
+        per = f"{scatters} reduce-scatters and {gathers} all-gathers per forward, stage by stage"
+    else:
+        per = f"{s.scatters / s.long_forwards:g} reduce-scatters + {s.gathers / s.long_forwards:g} all-gathers"
+        per += f" per forward, spanning {_size(s.sequence_bytes)} of activations"
+    table.add_row("sequence-parallel", per)
 
 
 def _size(n: float) -> str:

@@ -13,7 +13,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from tpshard.cli.app import COMM_HELP, THREADS_HELP, Comm, app, expand_user, stderr, stdout
+from tpshard.cli.app import COMM_HELP, SEQUENCE_PARALLEL_HELP, THREADS_HELP, Comm, app, expand_user, stderr, stdout
 
 if TYPE_CHECKING:  # the CLI imports torch only inside commands
     from tpshard.verify.report import Communication, Compared, Integrity, LayerError, Numerics, Oracle, Report
@@ -48,6 +48,7 @@ def verify(
         VerifyMode.simulated, help="simulated: every rank in this process; distributed: one process per rank."
     ),
     comm: Comm = typer.Option(Comm.auto, "--comm", help=COMM_HELP),
+    sequence_parallel: bool = typer.Option(False, "--sequence-parallel", help=SEQUENCE_PARALLEL_HELP),
     prompt: list[str] | None = typer.Option(
         None, "--prompt", help="Text for both models, tokenized with the shard set's tokenizer; repeat for more."
     ),
@@ -101,7 +102,9 @@ def verify(
     integrity holds): dense vs sharded in the shards' dtype on the same tokens: the residual stream at
     every block boundary, logits within atol + rtol*|dense|, KL, top-1/top-5 agreement, and greedy
     decoding through the KV cache. Communication: reductions per forward and bytes per token, counted,
-    against the theory (2 per block). With --oracle torch, PyTorch's logits must agree with both.
+    against the theory (2 per block); with --sequence-parallel, the reduce-scatters and all-gathers of
+    each forward of more than one token and the bytes they move. With --oracle torch, PyTorch's
+    logits must agree with both.
 
     Exit codes: 0 every check passed; 1 a check failed (a damaged shard set included); 2 verification
     could not run (bad usage, no such directory, no manifest, unreadable --against).
@@ -113,6 +116,8 @@ def verify(
         tpshard verify shards --prompt "ROMEO:" --prompt "JULIET:" --tokens 64
 
         tpshard verify shards --mode distributed --json > report.json
+
+        tpshard verify shards --mode distributed --sequence-parallel --random-tokens 61
     """
     from tpshard.runtime.threads import for_shard_set
     from tpshard.verify.report import to_json
@@ -139,6 +144,7 @@ def verify(
             tokenizer=tokenizer,
             oracle=oracle.value if oracle else None,
             comm=comm.value,
+            sequence_parallel=sequence_parallel,
             progress=lambda step: status.update(step),
         )
     if as_json:
@@ -199,7 +205,8 @@ def _header(out: Console, c: "Compared") -> None:
         "simulated": "every rank in this process",
         "distributed": f"one process per rank ({(c.tp_size or 0) * (c.pp_size or 1)} processes, {c.comm})",
     }
-    facts.add_row("sharded side", f"{c.mode}: {runs[c.mode]}")
+    schedule = ", sequence-parallel (forwards of more than one token)" if c.sequence_parallel else ""
+    facts.add_row("sharded side", f"{c.mode}: {runs[c.mode]}{schedule}")
     if c.inputs is not None:
         facts.add_row("inputs", Text(_inputs(c)))  # prompts are the user's text, not markup
     out.print(facts)
@@ -361,25 +368,39 @@ def _communication(out: Console, c: "Communication") -> None:
     table.add_column("")
     measured = "/".join(map(str, c.sync_points_measured))
     sync_ok = c.sync_points_measured == [c.sync_points_theory]
-    table.add_row(
-        "forward: reductions", str(c.sync_points_theory), f"{measured} in each of {c.forwards}", _tick(sync_ok)
-    )
-    bytes_ok = c.bytes_per_token_measured == c.bytes_per_token_theory
-    table.add_row(
-        "token: bytes reduced", f"{c.bytes_per_token_theory:,}", f"{c.bytes_per_token_measured:,.0f}", _tick(bytes_ok)
-    )
+    which = "one-token forward" if c.sequence_parallel else "forward"
+    if c.forwards or not c.sequence_parallel:
+        each = f"{measured} in each of {c.forwards}"
+        table.add_row(f"{which}: reductions", str(c.sync_points_theory), each, _tick(sync_ok))
+        bytes_ok = c.bytes_per_token_measured == c.bytes_per_token_theory
+        theory_bytes, seen_bytes = f"{c.bytes_per_token_theory:,}", f"{c.bytes_per_token_measured:,.0f}"
+        table.add_row("token: bytes reduced", theory_bytes, seen_bytes, _tick(bytes_ok))
+    if c.sequence_parallel:
+        for what, want, seen in (
+            ("reduce-scatters", c.scatters_theory, c.scatters_measured),
+            ("all-gathers", c.gathers_theory, c.gathers_measured),
+        ):
+            each = f"{'/'.join(map(str, seen))} in each of {c.sequence_forwards}"
+            table.add_row(f"sequence-parallel forward: {what}", str(want), each, _tick(seen == [want]))
+        moved_ok = c.sequence_bytes_measured == c.sequence_bytes_theory
+        moved = f"{c.sequence_bytes_theory:,}", f"{c.sequence_bytes_measured:,}"
+        table.add_row("their bytes moved per rank, (N-1)/N of each", *moved, _tick(moved_ok))
     if c.sends_theory is not None:
-        stages_ok = c.stage_reductions_measured == c.stage_reductions_theory
-        theory, seen = (" + ".join(map(str, n)) for n in (c.stage_reductions_theory, c.stage_reductions_measured))
-        table.add_row("forward: reductions by stage", theory, seen, _tick(stages_ok))
+        stages_ok = c.stage_collectives_measured == c.stage_collectives_theory
+        theory = " + ".join(map(_collectives, c.stage_collectives_theory))
+        seen = " + ".join(map(_collectives, c.stage_collectives_measured))
+        label = "full forward: " + ("reductions/reduce-scatters/all-gathers" if c.sequence_parallel else "reductions")
+        table.add_row(f"{label} by stage", theory, seen, _tick(stages_ok))
         sends = "/".join(map(str, c.sends_measured))
         sends_ok = c.sends_measured == [c.sends_theory]
         table.add_row("forward: sends to the next stage", str(c.sends_theory), sends, _tick(sends_ok))
         sent_ok = c.sent_bytes_per_token_measured == c.sent_bytes_per_token_theory
-        theory_sent, seen_sent = f"{c.sent_bytes_per_token_theory:,}", f"{c.sent_bytes_per_token_measured:,.0f}"
+        theory_sent, seen_sent = f"{c.sent_bytes_per_token_theory:,.0f}", f"{c.sent_bytes_per_token_measured:,.0f}"
         table.add_row("token: bytes sent between stages", theory_sent, seen_sent, _tick(sent_ok))
     out.print(table)
     out.print(Text(f"theory: {c.theory}", "dim"))
+    if c.sequence_theory:
+        out.print(Text(f"sequence-parallel theory: {c.sequence_theory}", "dim"))
     if c.note:
         out.print(Text(c.note, "dim"))
     for problem in c.problems:
@@ -413,6 +434,13 @@ def _oracle(out: Console, o: "Oracle") -> None:
     out.print(Text(f"elementwise ≤ atol {o.atol:g} + rtol {o.rtol:g}·|reference logit|", "dim"))
     for problem in o.problems:
         out.print(Text(problem, "red"))
+
+
+def _collectives(counts: tuple[int, int, int]) -> str:
+    """A stage's (reductions, reduce-scatters, all-gathers): the reductions alone when it has no others,
+    else r/s/g."""
+    reductions, scatters, gathers = counts
+    return str(reductions) if not (scatters or gathers) else f"{reductions}/{scatters}/{gathers}"
 
 
 def _tick(good: bool) -> Text:

@@ -4,12 +4,23 @@ model calls these and never knows which implementation runs them.
 
     reduce_partials   partials [R, B, T, C] -> y [B, T, C],   y = sum over all N ranks r of partial_r
                       after each row-parallel layer and the vocab-parallel embedding. Summed in rank
-                      order, so y is bit-identical on every rank.
+                      order (rank_order_sum), so y is bit-identical on every rank.
     gather_logits     local [B, T, R*S] -> [B, T, N*S],        every rank's S vocabulary columns, in
                       rank order (vocab-parallel output layer)
     broadcast_token   token [B] -> the picker's token [B]      so that every rank feeds its next step
                                                                the token one rank picked (tp rank 0
                                                                of the last pipeline stage)
+
+With sequence parallelism (parallel/sequence.py: rank r holds the r-th of N equal chunks of the
+sequence, c positions each), in place of reduce_partials (Megatron's reduce_scatter_to_ and
+gather_from_sequence_parallel_region):
+
+    reduce_scatter_sequence   partials [R, B, N*c, C] -> [B, R*c, C]    rank r's chunk of the sum,
+                              y_r = sum over all N ranks q of partial_q[:, r*c : (r+1)*c], summed in
+                              rank order like reduce_partials (so the same values, bit for bit)
+    all_gather_sequence       local [B, R*c, C] -> [B, N*c, C]          every rank's chunk, in rank
+                              order: the whole sequence, before a column-parallel layer
+Each moves (N-1)/N of the [B, N*c, C] activations per rank, as an all-reduce's two halves do.
 
 And between pipeline stages (Megatron's p2p_communication):
 
@@ -19,6 +30,19 @@ And between pipeline stages (Megatron's p2p_communication):
 """
 
 import torch
+
+
+def rank_order_sum(parts: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """parts [N, ...] added up one rank after the other: ((p0 + p1) + p2) + ... Elementwise, so every
+    value is the same whatever the shape it sits in (a whole sequence, a rank's chunk of it, a slot):
+    torch.sum over dim 0 is not, it reassociates for 5 or more ranks on small tensors (measured,
+    torch 2.13 CPU), which would break sequence parallelism's bit-for-bit match with tensor parallelism."""
+    if out is None and len(parts) == 1:
+        return parts[0]  # one rank: its partial is the sum, no copy (the caller's own tensor)
+    out = parts[0].clone() if out is None else out.copy_(parts[0])
+    for part in parts[1:]:
+        out += part
+    return out
 
 
 class Collectives:
@@ -38,9 +62,15 @@ class Collectives:
         return self.rank == 0
 
     def reduce_partials(self, partials: torch.Tensor) -> torch.Tensor:
-        return partials.sum(0)
+        return rank_order_sum(partials)
 
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
+        return local
+
+    def reduce_scatter_sequence(self, partials: torch.Tensor) -> torch.Tensor:
+        return rank_order_sum(partials)  # this process hosts every rank: their chunks together are the whole sum
+
+    def all_gather_sequence(self, local: torch.Tensor) -> torch.Tensor:
         return local
 
     def broadcast_token(self, token: torch.Tensor) -> torch.Tensor:

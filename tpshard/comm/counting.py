@@ -1,11 +1,14 @@
-"""A Collectives that counts the reductions and the stage-to-stage sends the model asks for, so that
-reports show measured, not theoretical, communication (held against parallel.plan by verify)."""
+"""A Collectives that counts the reductions, the sequence-parallel reduce-scatters and all-gathers and
+the stage-to-stage sends the model asks for, so that reports show measured, not theoretical,
+communication (held against parallel.plan by verify)."""
 
 import time
 
 import torch
 
 from tpshard.comm.collectives import Collectives
+
+COUNTS = ("reductions", "reduced_bytes", "scatters", "gathers", "sequence_bytes", "sends", "sent_bytes")
 
 
 class CountingCollectives(Collectives):
@@ -15,7 +18,10 @@ class CountingCollectives(Collectives):
         self.bytes = 0  # bytes of the reduced activations (what an all-reduce carries per rank)
         self.sends = 0  # activations handed to the next pipeline stage
         self.sent_bytes = 0
-        self.calls_at_sends: list[int] = []  # reductions counted when each send left: where a stage's end
+        self.scatters = 0  # sequence-parallel reduce-scatters
+        self.gathers = 0  # and all-gathers
+        self.sequence_bytes = 0  # of the whole-sequence activations they span, [B, N*c, C] each
+        self.at_sends: list[tuple[int, int, int]] = []  # (calls, scatters, gathers) as each send left: a stage's end
         self.sync_seconds: list[float] = []  # each reduction's wall time, the wait for the other ranks included
 
     @property
@@ -49,12 +55,33 @@ class CountingCollectives(Collectives):
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
         return self.inner.gather_logits(local)
 
+    def reduce_scatter_sequence(self, partials: torch.Tensor) -> torch.Tensor:
+        self.scatters += 1
+        self.sequence_bytes += partials[0].numel() * partials.element_size()
+        return self.inner.reduce_scatter_sequence(partials)
+
+    def all_gather_sequence(self, local: torch.Tensor) -> torch.Tensor:
+        out = self.inner.all_gather_sequence(local)
+        self.gathers += 1
+        self.sequence_bytes += out.numel() * out.element_size()
+        return out
+
+    def snapshot(self) -> dict[str, int]:
+        """Every count so far, by name (COUNTS)."""
+        values = (self.calls, self.bytes, self.scatters, self.gathers, self.sequence_bytes, self.sends, self.sent_bytes)
+        return dict(zip(COUNTS, values, strict=True))
+
+    @property
+    def collectives(self) -> tuple[int, int, int]:
+        """(reductions, reduce-scatters, all-gathers) so far."""
+        return self.calls, self.scatters, self.gathers
+
     def broadcast_token(self, token: torch.Tensor) -> torch.Tensor:
         return self.inner.broadcast_token(token)
 
     def send_forward(self, x: torch.Tensor) -> None:
         self.inner.send_forward(x)
-        self.calls_at_sends.append(self.calls)
+        self.at_sends.append(self.collectives)
         self.sends += 1
         self.sent_bytes += x.numel() * x.element_size()
 
@@ -63,5 +90,6 @@ class CountingCollectives(Collectives):
 
     def reset(self) -> None:
         self.calls, self.bytes, self.sends, self.sent_bytes = 0, 0, 0, 0
-        self.calls_at_sends.clear()
+        self.scatters, self.gathers, self.sequence_bytes = 0, 0, 0
+        self.at_sends.clear()
         self.sync_seconds.clear()

@@ -9,7 +9,8 @@ its stage's group, the hand-over between stages and the token broadcast across t
 
 Every tensor-parallel rank of a stage holds the whole residual stream (it is replicated inside the
 stage), so each sends its own copy to its counterpart: tp sends of B*T*C values per boundary and
-forward, as Megatron does without its scatter-gather optimisation.
+forward, as Megatron does without its scatter-gather optimisation. A sequence-parallel forward holds
+only its chunk of the stream, so each rank sends that, B*T*C/tp values: the optimisation for free.
 """
 
 from collections.abc import Callable
@@ -56,6 +57,12 @@ class PipelineCollectives(Collectives):
 
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
         return self.tp.gather_logits(local)
+
+    def reduce_scatter_sequence(self, partials: torch.Tensor) -> torch.Tensor:
+        return self.tp.reduce_scatter_sequence(partials)
+
+    def all_gather_sequence(self, local: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_gather_sequence(local)
 
     def broadcast_token(self, token: torch.Tensor) -> torch.Tensor:
         self._wait(lambda: dist.broadcast(token, src=self.picker, group=self.group, async_op=True))

@@ -1,9 +1,9 @@
 """The collectives over a torch.distributed process group: gloo on CPU, NCCL on CUDA.
 
-reduce_partials is an all-gather of every rank's partial sum followed by a sum in rank order, not an
-all_reduce: every rank adds the same partials in the same order, so the result is bit-identical on
-every rank, which keeps their residual streams, KV caches and logits identical (and on CPU it is the
-faster of the two: benchmarks/bench_inference.py measures both).
+reduce_partials is an all-gather of every rank's partial sum followed by a sum in rank order
+(rank_order_sum), not an all_reduce: every rank adds the same partials in the same order, so the
+result is bit-identical on every rank, which keeps their residual streams, KV caches and logits
+identical (and on CPU it is the faster of the two: benchmarks/bench_inference.py measures both).
 
 On CPU a rank with a core of its own polls its collective, yielding the core to gloo's threads: a
 rank that blocks idles its virtual CPU, and waking it again takes milliseconds now and then. With
@@ -18,7 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from tpshard.comm.collectives import Collectives
+from tpshard.comm.collectives import Collectives, rank_order_sum
 from tpshard.errors import TpshardError, first_line
 
 # One collective during generation, where every rank does the same work: a peer silent this long is
@@ -50,10 +50,25 @@ class ProcessGroupCollectives(Collectives):
         return parts
 
     def reduce_partials(self, partials: torch.Tensor) -> torch.Tensor:
-        return self.all_gather(partials.sum(0)).sum(0)
+        return rank_order_sum(self.all_gather(rank_order_sum(partials)))
 
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
         return torch.cat(self.all_gather(local).unbind(0), dim=-1)
+
+    def reduce_scatter_sequence(self, partials: torch.Tensor) -> torch.Tensor:
+        """An all-to-all of the chunks (rank q sends its chunk r to rank r), then a sum in rank order:
+        the rows reduce_partials gives, bit for bit (a reduce_scatter sums in its algorithm's order)."""
+        mine = rank_order_sum(partials)  # [B, N*c, C]
+        B, S, C = mine.shape
+        N = self.world_size
+        send = mine.view(B, N, S // N, C).transpose(0, 1).contiguous()  # [N, B, c, C]: chunk r, for rank r
+        received = torch.empty_like(send)  # [N, B, c, C]: every rank's partial of this rank's chunk
+        self._wait(lambda: dist.all_to_all_single(received, send, group=self.group, async_op=True))
+        return rank_order_sum(received)
+
+    def all_gather_sequence(self, local: torch.Tensor) -> torch.Tensor:
+        B, c, C = local.shape
+        return self.all_gather(local).transpose(0, 1).reshape(B, self.world_size * c, C)  # [N, B, c, C] -> [B, N*c, C]
 
     def broadcast_token(self, token: torch.Tensor) -> torch.Tensor:
         self._wait(lambda: dist.broadcast(token, src=0, group=self.group, async_op=True))

@@ -45,10 +45,13 @@ segment that grows: growing needs every rank to agree to remap, a second protoco
 keep the segment at 2 N S bytes, 4 MiB for two ranks). With S = 1 MiB a 25 MB prefill reduction takes
 25 rounds: the few µs a round costs are small beside copying its MiB.
 
-    reduce_partials   y = sum over r = 0 .. N-1 of partial_r, summed by torch.sum over dim 0 of the
+    reduce_partials   y = sum over r = 0 .. N-1 of partial_r, summed by rank_order_sum over the
                       [N, n] view of the N slots: the same operation, in the same order, as
-                      ProcessGroupCollectives (all-gather, then .sum(0)), bit-identical on every rank
+                      ProcessGroupCollectives (all-gather, then rank_order_sum), bit-identical on every rank
     gather_logits     the N slots copied into their columns of [B, T, N * S_vocab], in rank order
+    reduce_scatter_sequence   each rank's slot holds its partial of a piece of every rank's chunk;
+                      rank r sums row r of the N slots, in rank order (as reduce_partials)
+    all_gather_sequence       like gather_logits: the N slots copied into their chunks of the sequence
     broadcast_token   rank 0 writes, every other rank reads slot (0, b); every rank still publishes
                       seq, which is what step 1 of rank 0's next round waits for
 
@@ -97,7 +100,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tpshard.comm.collectives import Collectives
+from tpshard.comm.collectives import Collectives, rank_order_sum
 from tpshard.comm.process_group import STEP_TIMEOUT, LostPeer, lost_peer
 from tpshard.errors import TpshardError
 
@@ -186,7 +189,7 @@ class SharedMemoryCollectives(Collectives):
         self._all_at = 0  # every rank is known to have published this round
         self._views: dict[torch.dtype, list[torch.Tensor]] = {}  # per dtype, per buffer: [N, slot elements]
 
-    # --- the three patterns ---------------------------------------------------------------------------
+    # --- the patterns ---------------------------------------------------------------------------
 
     def reduce_partials(self, partials: torch.Tensor) -> torch.Tensor:
         begin = time.perf_counter()
@@ -197,10 +200,10 @@ class SharedMemoryCollectives(Collectives):
         for a in range(0, flat.numel(), per):
             n = min(per, flat.numel() - a)
             s = self._start_round()
-            torch.sum(local[:, a : a + n], 0, out=self._slot(self.rank, s, partials.dtype, (n,)))  # this rank's own sum
+            rank_order_sum(local[:, a : a + n], out=self._slot(self.rank, s, partials.dtype, (n,)))  # this rank's own
             self._publish(s, n * partials.element_size())
             self._wait_for(self._everyone, s, n * partials.element_size())
-            torch.sum(self._slots(s, partials.dtype, (n,)), 0, out=flat[a : a + n])  # in rank order, as all-gather+sum
+            rank_order_sum(self._slots(s, partials.dtype, (n,)), out=flat[a : a + n])  # as all-gather + sum
         self.seconds += time.perf_counter() - begin
         return out
 
@@ -219,6 +222,45 @@ class SharedMemoryCollectives(Collectives):
             out[r0:r1, :, c0:c1].copy_(self._slots(s, local.dtype, shape).transpose(0, 1))
         self.seconds += time.perf_counter() - begin
         return out.view(*lead, self.world_size * cols)
+
+    def reduce_scatter_sequence(self, partials: torch.Tensor) -> torch.Tensor:
+        """Each round, every rank writes its partial of a piece of every rank's chunk, [N, n] (row r for
+        rank r), and sums row `rank` of the N slots, in rank order as reduce_partials does."""
+        begin = time.perf_counter()
+        N, dtype, item = self.world_size, partials.dtype, partials.element_size()
+        mine = rank_order_sum(partials)  # [B, N*c, C]
+        B, S, C = mine.shape
+        by_rank = mine.view(B, N, S // N, C).transpose(0, 1).reshape(N, -1)  # [N, B*c*C]: row r is rank r's chunk
+        out = mine.new_empty(B, S // N, C)
+        flat = out.view(-1)
+        per = self.slot_bytes // item // N
+        for a in range(0, flat.numel(), per):
+            n = min(per, flat.numel() - a)
+            s = self._start_round()
+            self._slot(self.rank, s, dtype, (N, n)).copy_(by_rank[:, a : a + n])
+            self._publish(s, N * n * item)
+            self._wait_for(self._everyone, s, N * n * item)
+            rank_order_sum(self._slots(s, dtype, (N, n))[:, self.rank], out=flat[a : a + n])
+        self.seconds += time.perf_counter() - begin
+        return out
+
+    def all_gather_sequence(self, local: torch.Tensor) -> torch.Tensor:
+        begin = time.perf_counter()
+        N, dtype, item = self.world_size, local.dtype, local.element_size()
+        B, c, C = local.shape
+        mine = local.reshape(-1)
+        out = local.new_empty(N, B, c, C)
+        rows = out.view(N, -1)
+        per = self.slot_bytes // item
+        for a in range(0, mine.numel(), per):
+            n = min(per, mine.numel() - a)
+            s = self._start_round()
+            self._slot(self.rank, s, dtype, (n,)).copy_(mine[a : a + n])
+            self._publish(s, n * item)
+            self._wait_for(self._everyone, s, n * item)
+            rows[:, a : a + n].copy_(self._slots(s, dtype, (n,)))
+        self.seconds += time.perf_counter() - begin
+        return out.transpose(0, 1).reshape(B, N * c, C)  # [N, B, c, C] -> [B, N*c, C]
 
     def broadcast_token(self, token: torch.Tensor) -> torch.Tensor:
         """In place, as torch.distributed's broadcast: rank 0's token (any shape, at most a slot)."""

@@ -42,6 +42,7 @@ from torch.nn import functional as F
 from tpshard.comm.collectives import Collectives
 from tpshard.files.pages import backed_by_file, drop_inner_pages
 from tpshard.parallel import plan
+from tpshard.parallel.sequence import SequenceSplit
 
 # Up to this many rows (batch x new tokens) a linear layer is a decode step, streaming its weight.
 DECODE_ROWS = 8
@@ -106,16 +107,25 @@ class RowParallelLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.local_ranks = local_ranks
 
-    def forward(self, x: torch.Tensor, comm: Collectives) -> torch.Tensor:  # type: ignore[override]
-        """x [B, T, R, k] holds each local rank's input slice; weight [C, R*k] their row slices."""
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, comm: Collectives, seq: SequenceSplit | None = None
+    ) -> torch.Tensor:
+        """x [B, T, R, k] holds each local rank's input slice; weight [C, R*k] their row slices.
+        Sequence-parallel (seq), the sum is reduce-scattered: [B, R*c, C], the local ranks' chunks."""
         B, T, R, k = x.shape
         if R == 1:  # one rank: a plain matmul
             partials = linear(x.view(B, T, k), self.weight).unsqueeze(0)  # [1, B, T, C]
         else:  # rank r: x[..., r, :] times its rows of weight.T, [k, C] each; one product per rank (threads)
             per_rank = self.weight.t().view(R, k, -1)  # [R, k, C], in either layout (a view)
             partials = torch.bmm(x.reshape(B * T, R, k).transpose(0, 1), per_rank).view(R, B, T, -1)
-        out = comm.reduce_partials(partials)
-        return out if self.bias is None else out + self.bias  # bias once, after the reduction
+        out = reduce(partials, comm, seq)  # a tensor of its own: the bias is added in place, once
+        return out if self.bias is None else out.add_(self.bias)
+
+
+def reduce(partials: torch.Tensor, comm: Collectives, seq: SequenceSplit | None) -> torch.Tensor:
+    """The sum of every rank's partials [R, B, T, C]: whole on every rank (a tensor-parallel sync
+    point), or, sequence-parallel, each rank's chunk of it."""
+    return comm.reduce_partials(partials) if seq is None else seq.reduce_scatter(partials, comm)
 
 
 def parallel_linear(module: str, in_features: int, out_features: int, *, bias: bool, local_ranks: int) -> nn.Linear:
@@ -133,7 +143,12 @@ def embedding(rows: int, dim: int) -> nn.Embedding:
 
 
 def vocab_parallel_embed(
-    table: nn.Embedding, idx: torch.Tensor, ranks: tuple[int, ...], rows: int, comm: Collectives
+    table: nn.Embedding,
+    idx: torch.Tensor,
+    ranks: tuple[int, ...],
+    rows: int,
+    comm: Collectives,
+    seq: SequenceSplit | None = None,
 ) -> torch.Tensor:
     """Megatron's VocabParallelEmbedding: each local rank looks up the tokens of its `rows`-row
     vocabulary slice (table holds the local slices side by side), the others contribute zeros, and
@@ -143,7 +158,7 @@ def vocab_parallel_embed(
     inside = (local >= 0) & (local < rows)
     at = local.clamp(0, rows - 1) + torch.arange(len(ranks), device=idx.device)[:, None, None] * rows
     partials = table(at) * inside[..., None]  # (R, B, T, C)
-    return comm.reduce_partials(partials)
+    return reduce(partials, comm, seq)
 
 
 class VocabParallelHead(nn.Module):

@@ -14,6 +14,10 @@ vocab_parallel (Megatron's VocabParallelEmbedding), wte (and so the tied lm_head
 vocabulary rows instead, padded with zero rows to a multiple of N: one more reduction sums the
 embeddings, and the vocab-sliced logits are gathered.
 
+Sequence-parallel (parallel/sequence.py), a forward of more than one token replaces each reduction
+by a reduce-scatter, and all-gathers each block's input to attention and to the MLP, and, on the last
+stage, the output layer's: per block 2 of each, each moving (N-1)/N of the activations per rank.
+
 Pipeline stages (grid.Stages) each hold their blocks; stage 0 also wte and wpe, the last stage ln_f
 and, when there is more than one stage, its own copy of the tied embedding as lm_head.weight (as
 Megatron does: the first and last stages are different processes). Stage s hands the residual
@@ -139,6 +143,24 @@ def balanced_stages(config: GPTConfig, pp: int, tp: int = 1, vocab_parallel: boo
 def stage_sync_points(config: GPTConfig, stages: Stages, stage: int, vocab_parallel: bool = False) -> int:
     """Reductions per forward inside one stage's tensor-parallel group."""
     return len(stages.blocks(stage)) * len(block_sync_points()) + int(vocab_parallel and stage == 0)
+
+
+def stage_sequence_collectives(
+    config: GPTConfig, stages: Stages, stage: int, vocab_parallel: bool = False
+) -> tuple[int, int]:
+    """(reduce-scatters, all-gathers) of a sequence-parallel forward inside one stage's group: each
+    reduction becomes a reduce-scatter; each column-parallel module's input is all-gathered (one per
+    row-parallel module: they come in pairs), and so is the output layer's on the last stage."""
+    gathers = len(stages.blocks(stage)) * len(block_sync_points()) + int(stage == stages.pp - 1)
+    return stage_sync_points(config, stages, stage, vocab_parallel), gathers
+
+
+def sequence_collectives_explained(config: GPTConfig, vocab_parallel: bool = False) -> str:
+    """Where a sequence-parallel forward's counts come from, in words."""
+    per = len(block_sync_points())
+    why = f"{per} reduce-scatters and {per} all-gathers per block × {config.n_layer} blocks, "
+    why += "+ 1 all-gather before the output layer"
+    return why + (" + 1 reduce-scatter (the vocab-parallel embedding)" if vocab_parallel else "")
 
 
 def vocab_slice(vocab_size: int, tp_size: int) -> int:

@@ -173,7 +173,10 @@ def _rank_main(fn: Callable[..., None], args: tuple, spec: RunSpec, error_dir: s
         if error_dir is None:
             raise TpshardError(f"rank {rank}: {message}") from None
         report = {"rank": rank, "message": message, "cause": cause, "time": time.time()}
-        Path(error_dir, f"rank{rank}.json").write_text(json.dumps(report))
+        # whole or not at all: the agent may kill this rank mid-write, and the parent reads every report
+        partial = Path(error_dir, f".rank{rank}.json.partial")
+        partial.write_text(json.dumps(report))
+        os.replace(partial, partial.with_name(f"rank{rank}.json"))
         if not cause:  # the launcher reports the first rank to exit: let it see the one that died
             time.sleep(LINGER.total_seconds())  # (it stops this one meanwhile)
         sys.stdout.flush()

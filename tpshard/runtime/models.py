@@ -33,9 +33,11 @@ def sharded_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     checksum: bool = True,
+    sequence_parallel: bool = False,
 ) -> GPT:
     """A GPT holding the given (global) ranks' slices, read from their files only (simulated: all
-    ranks). checksum: check each file's sha256 first (False: the caller just did)."""
+    ranks). checksum: check each file's sha256 first (False: the caller just did).
+    sequence_parallel: forwards of more than one token run that schedule (parallel/sequence.py)."""
     m = shards.manifest
     where = [m.grid.coordinates(r) for r in ranks]
     tp_ranks, hosted = tuple(sorted({t for _, t in where})), tuple(sorted({s for s, _ in where}))
@@ -45,6 +47,7 @@ def sharded_model(
     pieces = shards.load_pieces(list(ranks), checksum=checksum)
     state = plan.local_state_dict(pieces, placement.vocab_parallel)
     model = GPT.from_state_dict(shards.manifest.config, state, placement, comm)
+    model.sequence_parallel = sequence_parallel
     return model.to(device=device, dtype=dtype)
 
 
@@ -67,22 +70,30 @@ def simulated_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     checksum: bool = True,
+    sequence_parallel: bool = False,
 ) -> GPT:
     """Every rank in this process; a reduction sums the local ranks' partials, and each stage hands
     its output to the next in memory."""
     ranks = list(range(shards.manifest.grid.world_size))
     comm = CountingCollectives(Collectives())  # its own: the stage hand-over passes through it
-    return sharded_model(shards, ranks, comm, device=device, dtype=dtype, checksum=checksum)
+    options = {"checksum": checksum, "sequence_parallel": sequence_parallel}
+    return sharded_model(shards, ranks, comm, device=device, dtype=dtype, **options)
 
 
 def distributed_model(
-    shards: ShardSet, group: "Group", *, dtype: torch.dtype | None = None, checksum: bool = True
+    shards: ShardSet,
+    group: "Group",
+    *,
+    dtype: torch.dtype | None = None,
+    checksum: bool = True,
+    sequence_parallel: bool = False,
 ) -> GPT:
     """This process's rank only, read from its own file; the collectives go through the group. The
     logits are vocabulary-parallel, from the split itself (split --vocab-parallel) or else from
     VocabParallelHead."""
     comm = CountingCollectives(group.comm)
-    model = sharded_model(shards, [group.rank], comm, device=group.device, dtype=dtype, checksum=checksum)
+    options = {"checksum": checksum, "sequence_parallel": sequence_parallel}
+    model = sharded_model(shards, [group.rank], comm, device=group.device, dtype=dtype, **options)
     if model.last and not shards.manifest.vocab_parallel:
         model.lm_head = VocabParallelHead(model.lm_head.weight, group.tp_rank, group.grid.tp, group.comm)
     group.barrier()  # every rank loaded (and checksummed) its shard before the first step's timeout starts

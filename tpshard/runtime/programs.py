@@ -10,13 +10,13 @@ import sys
 import tempfile
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from tpshard.comm.counting import CountingCollectives
+from tpshard.comm.counting import COUNTS, CountingCollectives
 from tpshard.errors import TpshardError
 from tpshard.files.shardset import ShardSet
 from tpshard.generation import Runner, Sampling, Stats, TokenPicker, generate
@@ -39,6 +39,7 @@ class Request:
     num_samples: int
     dtype: torch.dtype | None
     show_stats: bool
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -52,6 +53,8 @@ class RankUsage:
     sync_points: int = 0  # reductions in its stage's tensor-parallel group
     sends: int = 0  # to the next stage
     p2p_seconds: float = 0.0
+    scatters: int = 0  # sequence-parallel reduce-scatters and all-gathers in its stage's group
+    gathers: int = 0
 
 
 class GenerationSink(Protocol):
@@ -112,18 +115,21 @@ def check_finite(model: GPT, cast: torch.dtype | None = None) -> None:
             raise TpshardError(f"{name}: {what} of its {param.numel():,} values in {dtype}; {why}")
 
 
-def grid_label(grid: ParallelDims) -> str:
-    return f"tp {grid.tp} x pp {grid.pp}" if grid.pp > 1 else f"tp {grid.tp}"
+def grid_label(grid: ParallelDims, sequence_parallel: bool = False) -> str:
+    label = f"tp {grid.tp} x pp {grid.pp}" if grid.pp > 1 else f"tp {grid.tp}"
+    return label + (", sequence-parallel" if sequence_parallel else "")
 
 
 def generate_on_rank(group: Group, shards: ShardSet, request: Request, sink: GenerationSink) -> None:
     """One rank of a distributed generate: its own shard only; rank 0 tells the sink."""
-    model = distributed_model(shards, group, dtype=request.dtype)
-    label = f"distributed {grid_label(group.grid)} ({group.world_size} processes, {_comm_label(group)})"
+    model = distributed_model(shards, group, dtype=request.dtype, sequence_parallel=request.sequence_parallel)
+    label = f"distributed {grid_label(group.grid, request.sequence_parallel)} ({group.world_size} processes, "
+    label += f"{_comm_label(group)})"
     stats = generate_samples(model, request, label, sink)
     if request.show_stats:  # every rank takes part in the gather
         shard, s = shards.manifest.files[group.rank]["bytes"], stats
-        mine = RankUsage(peak_rss_bytes(), shard, s.comm_seconds, group.stage, s.sync_points, s.sends, s.p2p_seconds)
+        counts = (s.sync_points, s.sends, s.p2p_seconds, s.scatters, s.gathers)
+        mine = RankUsage(peak_rss_bytes(), shard, s.comm_seconds, group.stage, *counts)
         ranks = group.gather_to_rank0(mine)
         if group.rank == 0:
             sink.report(stats, request, ranks)
@@ -161,40 +167,40 @@ class Trace:
     logits: torch.Tensor  # [B, T, V]
     tokens: torch.Tensor  # [B, K] greedy continuation of the context, through the KV cache
     top2: torch.Tensor  # [B, K, 2] the two largest logits each greedy token was picked from
-    # per forward: reductions, bytes reduced, tokens in, sends to the next stage, bytes sent (summed
-    # over the stages; per tensor-parallel rank)
-    forwards: list[tuple[int, int, int, int, int]]
-    stage_reductions: list[int] = field(default_factory=list)  # the full forward's reductions, stage by stage
+    # per forward, what comm counted (comm/counting.py's COUNTS, summed over the stages; per
+    # tensor-parallel rank), and its input's batch and length
+    forwards: list[dict[str, int]]
+    # the full forward's (reductions, reduce-scatters, all-gathers), stage by stage
+    stage_collectives: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 @torch.inference_mode()
 def trace(model: GPT, idx: torch.Tensor, context: int, new_tokens: int) -> Trace:
     """Run idx (B, T) through model: one full forward with every hidden state, then greedy decoding
-    of new_tokens after the first `context` tokens (every rank takes rank 0's token)."""
-    forwards: list[tuple[int, int, int, int, int]] = []
+    of new_tokens after the first `context` tokens (every rank takes rank 0's token). Sequence-parallel,
+    the hidden states are this process's chunks of the sequence (join_chunks puts them together)."""
+    forwards: list[dict[str, int]] = []
     counter = model.comm if isinstance(model.comm, CountingCollectives) else CountingCollectives(model.comm)
 
-    def counts() -> tuple[int, int, int, int, int]:
-        return (counter.calls, counter.bytes, 0, counter.sends, counter.sent_bytes)
-
     def after(_module: GPT, args: tuple, _output: torch.Tensor) -> None:
-        begin = forwards[-1]
-        now = counts()
-        forwards[-1] = (now[0] - begin[0], now[1] - begin[1], args[0].numel(), now[3] - begin[3], now[4] - begin[4])
+        begin, now = forwards[-1], counter.snapshot()
+        forwards[-1] = {k: now[k] - begin[k] for k in COUNTS} | {"batch": args[0].size(0), "length": args[0].size(1)}
 
-    hooks = [model.register_forward_pre_hook(lambda *_: forwards.append(counts())), model.register_forward_hook(after)]
+    before = model.register_forward_pre_hook(lambda *_: forwards.append(counter.snapshot()))
+    hooks = [before, model.register_forward_hook(after)]
     try:
         hidden: list[torch.Tensor] = []
-        start, sends = counter.calls, len(counter.calls_at_sends)
+        start, sends = counter.collectives, len(counter.at_sends)
         logits = model(idx, hidden_states=hidden)
-        # the reductions counted at the end of each stage here: at its send, or, the last stage, at the end
-        ends = [*counter.calls_at_sends[sends:], *([counter.calls] if model.last else [])]
-        stage_reductions = [b - a for a, b in zip([start, *ends], ends, strict=False)]
+        # what was counted at the end of each stage here: at its send, or, the last stage, at the end
+        ends = [*counter.at_sends[sends:], *([counter.collectives] if model.last else [])]
+        bounds = zip([start, *ends], ends, strict=False)
+        stage_collectives = [tuple(b - a for a, b in zip(begin, end, strict=True)) for begin, end in bounds]
         tokens, top2 = _greedy(model, idx[:, :context], new_tokens)
     finally:
         for hook in hooks:
             hook.remove()
-    return Trace(hidden, logits, tokens, top2, forwards, stage_reductions)
+    return Trace(hidden, logits, tokens, top2, forwards, stage_collectives)
 
 
 def _greedy(model: GPT, idx: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,7 +220,13 @@ def _greedy(model: GPT, idx: torch.Tensor, new_tokens: int) -> tuple[torch.Tenso
 
 
 def sharded_traces(
-    shards: ShardSet, batches: list[torch.Tensor], contexts: list[int], new_tokens: int, mode: str, comm: str = "auto"
+    shards: ShardSet,
+    batches: list[torch.Tensor],
+    contexts: list[int],
+    new_tokens: int,
+    mode: str,
+    comm: str = "auto",
+    sequence_parallel: bool = False,
 ) -> tuple[list[Trace], str]:
     """The sharded model's traces of every batch: all ranks in this process (simulated: one block's
     weights at a time, runtime/streamed.py), or one process per rank (distributed, each rank holding
@@ -222,13 +234,13 @@ def sharded_traces(
     not checked again: verify's integrity part has just done it. Also returns what carried the
     collectives (comm: auto, shm or gloo, for distributed)."""
     if mode == "simulated":
-        model = streamed.simulated_model(shards)
+        model = streamed.simulated_model(shards, sequence_parallel)
         return [trace(model, idx, ctx, new_tokens) for idx, ctx in zip(batches, contexts, strict=True)], "in memory"
     if launch.started_by_torchrun():
         raise TpshardError("verify --mode distributed starts its own ranks; run it without torchrun")
     with tempfile.TemporaryDirectory(prefix="tpshard-verify-") as tmp:
         out = Path(tmp, "traces.pt")
-        args = (shards, batches, contexts, new_tokens, str(out))
+        args = (shards, batches, contexts, new_tokens, str(out), sequence_parallel)
         grid = shards.manifest.grid
         launch.run(traces_on_rank, args, nproc=grid.world_size, device="cpu", grid=grid, comm=comm)
         saved = torch.load(out, weights_only=True)
@@ -236,31 +248,52 @@ def sharded_traces(
 
 
 def traces_on_rank(
-    group: Group, shards: ShardSet, batches: list[torch.Tensor], contexts: list[int], new_tokens: int, out: str
+    group: Group,
+    shards: ShardSet,
+    batches: list[torch.Tensor],
+    contexts: list[int],
+    new_tokens: int,
+    out: str,
+    sequence_parallel: bool = False,
 ) -> None:
     """One rank of a distributed verify: its own shard file only; rank 0 saves the traces (with
-    stages, put together from tp rank 0 of each stage's)."""
-    model = distributed_model(shards, group, checksum=False)
+    stages, put together from tp rank 0 of each stage's; sequence-parallel, from every rank's chunks)."""
+    model = distributed_model(shards, group, checksum=False, sequence_parallel=sequence_parallel)
     traces = [trace(model, idx, ctx, new_tokens) for idx, ctx in zip(batches, contexts, strict=True)]
-    if group.grid.pp > 1:
-        gathered = group.gather_to_rank0(traces if group.tp_rank == 0 else None)
+    grid = group.grid
+    chunked = [model.sequence_split(idx.size(1)) is not None and grid.tp > 1 for idx in batches]
+    if grid.pp > 1 or any(chunked):
+        gathered = group.gather_to_rank0(traces if any(chunked) or group.tp_rank == 0 else None)
         if gathered is None:
             return
-        traces = [_join_stages([t[i] for t in gathered if t is not None]) for i in range(len(batches))]
+        stages = [[gathered[grid.rank(s, t)] for t in range(grid.tp if any(chunked) else 1)] for s in range(grid.pp)]
+        traces = [_join_stages([_stage_trace(stage, i, chunked[i]) for stage in stages]) for i in range(len(batches))]
     if group.rank == 0:
         torch.save({"traces": [vars(t) for t in traces], "comm": _comm_label(group)}, out)
+
+
+def _stage_trace(ranks: list[list[Trace]], batch: int, chunked: bool) -> Trace:
+    """One stage's trace of a batch, from its tensor-parallel ranks' traces of every batch."""
+    return join_chunks([traces[batch] for traces in ranks]) if chunked else ranks[0][batch]
+
+
+def join_chunks(ranks: list[Trace]) -> Trace:
+    """One trace from a stage's tensor-parallel ranks' sequence-parallel ones: each hidden state's
+    chunks put together in rank order (the rest is the same on every rank: tp rank 0's)."""
+    hidden = [torch.cat(chunks, dim=1) for chunks in zip(*(t.hidden for t in ranks), strict=True)]
+    return replace(ranks[0], hidden=hidden)
 
 
 def _join_stages(stages: list[Trace]) -> Trace:
     """One trace from each stage's, in stage order: the hidden states of every stage, the last
     stage's logits, and the counts summed over the stages."""
+    if len(stages) == 1:
+        return stages[0]
     last = stages[-1]
     forwards = []
     for i, per_stage in enumerate(zip(*(s.forwards for s in stages), strict=True)):
-        f = [sum(counts) for counts in zip(*per_stage, strict=True)]
-        forwards.append((f[0], f[1], last.forwards[i][2], f[3], f[4]))  # the tokens in, once
+        summed = {k: sum(f[k] for f in per_stage) for k in COUNTS}
+        forwards.append(summed | {"batch": last.forwards[i]["batch"], "length": last.forwards[i]["length"]})
     hidden = [h for s in stages for h in s.hidden]
-    reductions = [n for s in stages for n in s.stage_reductions]
-    return Trace(hidden, last.logits, last.tokens, last.top2, forwards, reductions)
-
-
+    per_stage_counts = [n for s in stages for n in s.stage_collectives]
+    return Trace(hidden, last.logits, last.tokens, last.top2, forwards, per_stage_counts)

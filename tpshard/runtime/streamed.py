@@ -53,7 +53,7 @@ def dense_model(source: Checkpoint | ShardSet, *, dtype: torch.dtype | None = No
     return _streamed(config, DENSE, LOCAL, read, dtype)
 
 
-def simulated_model(shards: ShardSet) -> GPT:
+def simulated_model(shards: ShardSet, sequence_parallel: bool = False) -> GPT:
     """runtime.models.simulated_model's GPT (every rank in this process, counted collectives), its
     blocks read when they run: each block's pieces joined then. The rank files are not checked
     again: verify's integrity part did."""
@@ -64,7 +64,9 @@ def simulated_model(shards: ShardSet) -> GPT:
         return {name: plan.join_local_ranks(name, pieces[_stored(name, pieces)], m.vocab_parallel) for name in names}
 
     placement = Placement.simulated(m.tp_size, m.vocab_parallel, m.stages if m.grid.pp > 1 else None)
-    return _streamed(m.config, placement, CountingCollectives(Collectives()), read, None, sources=pieces)
+    model = _streamed(m.config, placement, CountingCollectives(Collectives()), read, None, sources=pieces)
+    model.sequence_parallel = sequence_parallel
+    return model
 
 
 def _streamed(

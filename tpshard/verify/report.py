@@ -27,6 +27,7 @@ class Compared:
     pp_size: int | None = None
     stage_layers: list[int] | None = None  # blocks per stage
     comm: str | None = None  # what carried the distributed run's collectives
+    sequence_parallel: bool = False  # the sharded run's forwards of more than one token cut along the sequence
     dtype: str | None = None
     vocab_parallel: bool | None = None
     model_args: dict | None = None
@@ -145,12 +146,23 @@ class Communication:
     forwards: int = 0
     bytes_per_token_theory: int | None = None
     bytes_per_token_measured: float | None = None
-    # with pipeline stages: reductions per stage in a full forward (theory, measured), and the hand-overs
-    stage_reductions_theory: list[int] = field(default_factory=list)
-    stage_reductions_measured: list[int] = field(default_factory=list)
+    # --sequence-parallel: its forwards (more than one token; the ones above are the one-token steps)
+    sequence_parallel: bool = False
+    sequence_forwards: int = 0
+    sequence_theory: str | None = None
+    scatters_theory: int | None = None  # reduce-scatters per forward
+    scatters_measured: list[int] = field(default_factory=list)  # the distinct counts seen per forward
+    gathers_theory: int | None = None  # all-gathers per forward
+    gathers_measured: list[int] = field(default_factory=list)
+    sequence_bytes_theory: int | None = None  # moved per rank by them, over every such forward
+    sequence_bytes_measured: int | None = None
+    # with pipeline stages: (reductions, reduce-scatters, all-gathers) per stage in a full forward, and the
+    # hand-overs
+    stage_collectives_theory: list[tuple[int, int, int]] = field(default_factory=list)
+    stage_collectives_measured: list[tuple[int, int, int]] = field(default_factory=list)
     sends_theory: int | None = None  # per forward, per tensor-parallel rank
     sends_measured: list[int] = field(default_factory=list)  # the distinct counts seen per forward
-    sent_bytes_per_token_theory: int | None = None
+    sent_bytes_per_token_theory: float | None = None
     sent_bytes_per_token_measured: float | None = None
     note: str | None = None
     problems: list[str] = field(default_factory=list)

@@ -64,10 +64,12 @@ def verify_shards(
     tokenizer: str | Path | None = None,
     oracle: str | None = None,
     comm: str = "auto",
+    sequence_parallel: bool = False,
     progress: Progress | None = None,
 ) -> Report:
     """Verify a shard set. Raises TpshardError only when verification cannot run (no such directory,
-    no manifest, an unreadable reference, bad options); a damaged shard set is a failed Report."""
+    no manifest, an unreadable reference, bad options); a damaged shard set is a failed Report.
+    sequence_parallel: the sharded run's forwards of more than one token run that schedule."""
     say = progress or (lambda _: None)
     if mode not in MODES:
         raise TpshardError(f"--mode {mode}: expected one of {', '.join(MODES)}")
@@ -82,6 +84,7 @@ def verify_shards(
         mode=mode,
         against=str(against) if against is not None else None,
         reference="the --against checkpoint" if reference else "the shard set merged in memory",
+        sequence_parallel=sequence_parallel,
     )
     if shards is None:
         integrity = Integrity(passed=False, manifest_ok=False, problems=[f"manifest: {manifest_problem}"])
@@ -91,6 +94,11 @@ def verify_shards(
     compared.pp_size, compared.stage_layers = m.grid.pp, list(m.stage_plan.layers)
     compared.model_args = asdict(m.config)
     batches, compared.inputs = _inputs(shards, prompts, random_tokens, batch, new_tokens, seed, tokenizer)
+    if sequence_parallel and all(idx.size(1) == 1 for idx in batches):
+        raise TpshardError(
+            "--sequence-parallel: every input is one token long, so no forward would cut the sequence; "
+            "give --random-tokens 2 or more, or a longer --prompt"
+        )
     say("checking the rank files")
     integrity = check_integrity(shards, reference, against)
     if not integrity.passed:
@@ -103,10 +111,10 @@ def verify_shards(
     contexts = [greedy_context(idx.size(1), m.config.block_size, new_tokens) for idx in batches]
     dense_traces = [trace(dense, idx, ctx, new_tokens) for idx, ctx in zip(batches, contexts, strict=True)]
     del dense
-    say(f"running the sharded model ({mode})")
-    sharded, compared.comm = sharded_traces(shards, batches, contexts, new_tokens, mode, comm)
+    say(f"running the sharded model ({mode}{', sequence-parallel' if sequence_parallel else ''})")
+    sharded, compared.comm = sharded_traces(shards, batches, contexts, new_tokens, mode, comm, sequence_parallel)
     numerics = compare(dense_traces, sharded, tol, m.dtype)
-    communication = count_communication(sharded, shards, mode)
+    communication = count_communication(sharded, shards, mode, sequence_parallel)
     torch_part = None
     if oracle is not None:
         say("running the same weights through PyTorch's tensor parallelism (the oracle)")
