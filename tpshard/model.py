@@ -198,7 +198,8 @@ class GPT(nn.Module):
 
         last_only: logits of the last position only (all that sampling needs).
         hidden_states: if given, receives the residual stream after the embedding and after each
-        block (of the stages this process holds).
+        block (of the stages this process holds); sequence-parallel, this process's chunks of it,
+        without their padding (in rank order they make the whole).
 
         A process without the last stage receives its first stage's input from the stage before
         (stage 0 embeds idx), hands its output on, and returns no logits: a [B, T, 0] tensor (it
