@@ -17,7 +17,7 @@ watches each child from outside:
                 the anonymous peak.
     written     the bytes of the command's output.
     cp + fsync  `cp -r` of that very output to a new name, then fsync of every file copied: the floor
-                for writing those bytes on this disk, measured right after the command.
+                for writing those bytes on this disk, the median of 3 runs right after the command.
     floor       `python -c "import torch"` + cp + fsync: the floor for any Python tool that writes them.
 
 Targets (issue 16): peak anon at most 0.25x the model's bytes for every command; wall time at most 1.5x
@@ -114,13 +114,19 @@ def size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
+FLOOR_RUNS = 3  # cp + fsync of the same bytes took 2.6 to 11 s from one minute to the next on this machine
+
+
 def copy_floor(output: Path) -> float:
-    """cp -r of output to a new name, then fsync of every file: seconds (the copy removed after)."""
+    """cp -r of output to a new name, then fsync of every file: seconds, the median of FLOOR_RUNS
+    (each copy removed after)."""
     copy = output.with_name(output.name + ".copy")
     script = f'cp -r "{output}" "{copy}" && find "{copy}" -type f -exec sync {{}} +'
-    seconds = measure(["sh", "-c", script])["wall"]
-    shutil.rmtree(copy) if copy.is_dir() else copy.unlink()
-    return seconds
+    runs = []
+    for _ in range(FLOOR_RUNS):
+        runs.append(measure(["sh", "-c", script])["wall"])
+        shutil.rmtree(copy) if copy.is_dir() else copy.unlink()
+    return statistics.median(runs)
 
 
 def remove(path: Path) -> None:
@@ -148,6 +154,12 @@ def commands(ckpt: Path) -> list[tuple[str, list[str], Path | None, Path | None]
             d / "merged.safetensors",
         ),
         ("merge (hf)", [*tpshard, "merge", str(shards), "-o", str(d / "hf"), "--format", "hf"], d / "hf", d / "hf"),
+        (
+            "merge (dcp)",
+            [*tpshard, "merge", str(shards), "-o", str(d / "dcp"), "--format", "dcp"],
+            d / "dcp",
+            d / "dcp",
+        ),
         ("reshard --tp 4", [*tpshard, "reshard", str(shards), "--tp", "4", "-o", str(d / "tp4")], d / "tp4", d / "tp4"),
         ("verify --against", [*tpshard, "verify", str(shards), "--against", str(ckpt), *check], None, None),
         ("verify (merged in memory)", [*tpshard, "verify", str(shards), *check], None, shards),
@@ -183,7 +195,7 @@ def main() -> None:
             if done is not None:
                 remove(done)
     finally:
-        for path in ("shards", "merged.pt", "merged.safetensors", "hf", "tp4"):
+        for path in ("shards", "merged.pt", "merged.safetensors", "hf", "dcp", "tp4"):
             remove(ckpt.parent / path)
         if not args.keep:
             remove(ckpt)

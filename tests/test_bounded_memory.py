@@ -31,6 +31,7 @@ from tpshard.files.hf import hf_state_dict, save_hf
 from tpshard.files.nanogpt import nanogpt_dict, save_checkpoint
 from tpshard.files.paths import load_checkpoint
 from tpshard.files.shardset import ShardSet
+from tpshard.files.tensorfile import Staging, tensor_chunks
 from tpshard.files.torchzip import Deferred, save_streamed
 from tpshard.model import GPT
 from tpshard.runtime import models, streamed
@@ -84,6 +85,28 @@ def test_a_merged_ckpt_is_what_torch_save_wrote(ckpt: Path, tmp_path: Path) -> N
     save_checkpoint(merged_checkpoint(shards), tmp_path / "merged.pt")
     eager = torch_save(nanogpt_dict(merge_shards(shards)), tmp_path / "eager.pt")
     assert filecmp.cmp(eager, tmp_path / "merged.pt", shallow=False)
+
+
+def test_staged_chunks_are_the_tensors_bytes() -> None:
+    """What the writers write, a stage at a time, is the tensor's row-major bytes, whatever its strides
+    (transposed, cut, stepped, N-d, bfloat16, 0-d, empty), with rows larger than a stage cut further."""
+    staging = Staging(2, nbytes=4096)
+    gen = torch.Generator().manual_seed(3)
+    views = [
+        torch.randn(300, 70, generator=gen).t(),  # an HF Conv1D weight: the blocked transpose
+        torch.randn(5, 2000, generator=gen).t(),  # a transposed row larger than a stage
+        torch.randn(30, 40, generator=gen)[:, 5:17],  # a row-parallel cut
+        torch.randn(3000, generator=gen)[::3],
+        torch.randn(3, 5000, generator=gen)[:, ::2],
+        torch.randn(2, 3, 700, generator=gen).transpose(0, 2),
+        torch.randn(4000, generator=gen).to(torch.bfloat16).view(40, 100).t(),
+        torch.randn(5000, generator=gen),  # contiguous, several stages
+        torch.tensor(3.0),
+        torch.randn(0, 4),
+    ]
+    for view in views:
+        got = b"".join(bytes(chunk) for chunk in tensor_chunks(view, staging))
+        assert got == view.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), (view.shape, view.stride())
 
 
 def test_dense_safetensors_and_hf_hold_what_the_in_memory_writers_held(cli, ckpt: Path, tmp_path: Path) -> None:
@@ -210,6 +233,7 @@ def commands(folder: Path) -> dict[str, list[str]]:
         "merge pt": ["merge", f("s"), "-o", f("m.pt")],
         "merge safetensors": ["merge", f("s"), "-o", f("m.safetensors"), "--format", "safetensors"],
         "merge hf": ["merge", f("s"), "-o", f("hf"), "--format", "hf"],
+        "merge dcp": ["merge", f("s"), "-o", f("dcp"), "--format", "dcp"],
         "reshard": ["reshard", f("s"), "--tp", "4", "--pp", "2", "-o", f("r")],
         "verify": ["verify", f("s"), "--against", f("ckpt.pt"), *check],
         "verify, merged in memory": ["verify", f("r"), *check],

@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,13 @@ from tpshard.config import GPTConfig
 from tpshard.convert import split_checkpoint
 from tpshard.errors import TpshardError
 from tpshard.files import dcp as tpdcp
+from tpshard.files.checkpoint import model_args
 from tpshard.files.paths import Kind, kind_of, load_checkpoint
+from tpshard.model import GPT
 from tpshard.runtime import launch
 from tpshard.runtime.launch import Group
 from tpshard.runtime.models import dense_model
+from tpshard.testing import random_weights
 from tpshard.verify import oracle
 
 TOKENS = torch.randint(96, (2, 32), generator=torch.Generator().manual_seed(3))
@@ -285,3 +289,28 @@ def test_compressed_piece_is_refused(export: Path) -> None:
     (export / "__0_0.distcp").write_bytes(data[: first.offset] + piece + data[first.offset + first.length :])
     with pytest.raises(TpshardError, match="is compressed, which DCP never writes"):
         load_checkpoint(export)
+
+
+@pytest.mark.parametrize(("tp", "pp", "vocab_parallel"), [(2, 1, False), (4, 2, True), (1, 3, False), (3, 1, True)])
+def test_merge_to_dcp_stores_each_rank_piece_as_a_chunk(
+    tmp_path: Path, cli, tp: int, pp: int, vocab_parallel: bool
+) -> None:
+    """merge --format dcp writes the rank files' pieces as they are (a chunk of its tensor each, no
+    dense tensor made): what torch's dcp.load and tpshard read back is the dense model, bit for bit."""
+    config = GPTConfig(block_size=16, vocab_size=61, n_layer=3, n_head=12, n_embd=48, bias=True)
+    model = random_weights(GPT(config), seed=tp * 10 + pp)
+    torch.save({"model": model.state_dict(), "model_args": model_args(config)}, tmp_path / "ckpt.pt")
+    dense = load_checkpoint(tmp_path / "ckpt.pt")
+    split_checkpoint(dense, tp, tmp_path / "s", pp=pp, vocab_parallel=vocab_parallel)
+    assert cli("merge", tmp_path / "s", "-o", tmp_path / "dcp", "--format", "dcp")[0] == 0
+    metadata = tpdcp.read_metadata(tmp_path / "dcp")
+    qkv = metadata.state_dict_metadata["transformer.h.0.attn.c_attn.weight"]
+    assert tuple(qkv.size) == (3, 48, 48) and len(qkv.chunks) == tp  # one chunk per rank, not one tensor
+    back = load_checkpoint(tmp_path / "dcp")
+    assert set(back.state_dict) == set(dense.state_dict)
+    assert all(torch.equal(back.state_dict[k], t) for k, t in dense.state_dict.items())
+    plain = {k: torch.empty_like(t) for k, t in dense.state_dict.items() if "c_attn" not in k}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(plain, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    assert all(torch.equal(t, dense.state_dict[k]) for k, t in plain.items())

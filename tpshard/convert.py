@@ -13,6 +13,7 @@ from tpshard.config import GPTConfig
 from tpshard.errors import TpshardError
 from tpshard.files.atomic import file_status, input_files, refuse_output_over_inputs
 from tpshard.files.checkpoint import Checkpoint, training_record
+from tpshard.files.dcp import Boxes, stored_shape
 from tpshard.files.pages import drop_file_pages, shares_memory
 from tpshard.files.shardset import (
     BPE_TOKENIZER,
@@ -210,6 +211,22 @@ def dense_tensors(shards: ShardSet) -> TensorSource:
         return dense
 
     return TensorSource(layout, make)
+
+
+def dcp_boxes(shards: ShardSet) -> Boxes:
+    """A shard set's dense tensors as the boxes its pieces are in (plan.piece_box), in the shapes of
+    tpshard's DCP export (q, k, v stacked): each a memory-mapped piece or a view of one, so that a DCP
+    writer stores them with nothing copied. The last stage's copy of the tied embedding is checked
+    first, then written as wte's boxes; the rank files are not checked here (check_rank_files)."""
+    m = shards.manifest
+    pieces = _untied(shards, mapped_pieces(shards))
+    boxes: Boxes = {}
+    for name, ranks in pieces.items():
+        found = [plan.piece_box(name, piece, r, m.vocab_parallel, m.config.vocab_size) for r, piece in enumerate(ranks)]
+        boxes[name] = (stored_shape(name, tuple(m.tensors[name]["shape"])), [box for box in found if box is not None])
+    for tied, source in plan.TIED.items():
+        boxes[tied] = boxes[source]
+    return boxes
 
 
 def merged_checkpoint(shards: ShardSet, *, checksum: bool = True, progress: Progress | None = None) -> Checkpoint:

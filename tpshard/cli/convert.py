@@ -144,7 +144,7 @@ def merge(
         "PyTorch distributed checkpoint directory (nanoGPT's names, q, k, v of c_attn stacked as (3, C, C)) that "
         "torch.distributed.checkpoint.load reads into a plain or a tensor-parallel model, resharded on load. pt, "
         "safetensors and hf are written one tensor at a time (memory: about the largest tensor, not the model); dcp "
-        "holds the whole dense model in memory, as torch.distributed.checkpoint.save takes a whole state_dict.",
+        "stores each rank's piece as a chunk of its tensor, straight from the rank files (nothing copied).",
     ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
@@ -154,7 +154,7 @@ def merge(
     ckpt.pt (model, model_args, iter_num, best_val_loss, config; wte and lm_head tied) that nanoGPT's
     sample.py loads; its optimizer entry is None, since shards carry no optimizer state.
     """
-    from tpshard.convert import merge_shards, merged_checkpoint
+    from tpshard.convert import dcp_boxes, merged_checkpoint
     from tpshard.files.atomic import input_files, refuse_output_over_inputs
     from tpshard.files.dcp import save_dcp
     from tpshard.files.dense_safetensors import save_safetensors
@@ -169,16 +169,18 @@ def merge(
     shard_set = ShardSet.open(shards)
     refuse_output_over_inputs(out, input_files(shard_set.directory))
     total = sum(f["bytes"] for f in shard_set.manifest.files)
-    with byte_progress("verify checksums", total) as progress:  # dcp: every tensor in memory; else one at a time
-        ckpt = (merge_shards if format is MergeFormat.dcp else merged_checkpoint)(shard_set, progress=progress)
+    with byte_progress("verify checksums", total) as progress:  # then written one tensor (dcp: one piece) at a time
+        ckpt = merged_checkpoint(shard_set, progress=progress)
     with byte_progress(f"write {out.name}", shard_set.manifest.dense_bytes()) as progress:
         if format is MergeFormat.hf:
             save_hf(ckpt, out, force=force, progress=progress)
         elif format is MergeFormat.dcp:
-            save_dcp(ckpt, out, force=force, tokenizer_file=shard_set.tokenizer_path)
+            boxes = dcp_boxes(shard_set)
+            save_dcp(ckpt, out, force=force, tokenizer_file=shard_set.tokenizer_path, boxes=boxes)
         else:
             (save_checkpoint if format is MergeFormat.pt else save_safetensors)(ckpt, out, progress)
-    stdout.print(f"merged {shard_set.tp_size} shards -> {out} ({format.value}, checksums verified)")
+    files = shard_set.manifest.grid.world_size
+    stdout.print(f"merged {files} rank file{'s' * (files > 1)} -> {out} ({format.value}, checksums verified)")
 
 
 @app.command()

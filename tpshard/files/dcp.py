@@ -24,11 +24,14 @@ the directory, each piece must be an uncompressed torch.save archive, and only t
 
 import io
 import json
+import os
 import pickle
 import re
 import shutil
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +51,8 @@ from tpshard.files.checkpoint import (
     plain_config,
     training_record,
 )
+from tpshard.files.pages import drop_file_pages
+from tpshard.files.tensorfile import StagedFile
 from tpshard.parallel.plan import EMBEDDING, TIED, dense_shapes
 
 METADATA = ".metadata"
@@ -490,6 +495,48 @@ def _cause(e: BaseException) -> str:
 # --- writing ----------------------------------------------------------------------------------------
 
 
+# A tensor as DCP stores it: its shape and the boxes it is written as, each (offsets, a tensor of that box)
+Boxes = dict[str, tuple[tuple[int, ...], list[tuple[tuple[int, ...], torch.Tensor]]]]
+
+
+def _box_planner(boxes: Boxes) -> object:
+    """torch's default save planner, given the write items of the boxes instead of a state_dict's: it
+    writes each box as a chunk of its tensor at its offsets, and hands the writer one box at a time.
+    DCP's own planning would need every tensor whole, in memory. The writer keeps what it was handed
+    until the data file is closed: boxes that are views of memory-mapped files cost no memory, and
+    their pages are dropped as soon as the next box is asked for (written)."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    class BoxPlanner(DefaultSavePlanner):
+        def __init__(self) -> None:
+            super().__init__(flatten_state_dict=False)
+            self.by_index: dict[tuple[str, torch.Size], torch.Tensor] = {}
+            self.last: torch.Tensor | None = None
+
+        def create_local_plan(self) -> SavePlan:
+            items = []
+            for fqn, (shape, parts) in boxes.items():
+                kind = WriteItemType.TENSOR if len(parts) == 1 else WriteItemType.SHARD
+                for offsets, box in parts:
+                    at = torch.Size(offsets)
+                    self.by_index[(fqn, at)] = box
+                    chunk = ChunkStorageMetadata(offsets=at, sizes=box.size())
+                    data = TensorWriteData(chunk, TensorProperties.create_from_tensor(box), torch.Size(shape))
+                    items.append(WriteItem(index=MetadataIndex(fqn, at), type=kind, tensor_data=data))
+            self.plan = SavePlan(items)
+            return self.plan
+
+        def lookup_object(self, index: MetadataIndex) -> torch.Tensor:
+            if self.last is not None:
+                drop_file_pages(self.last)  # written: a mapped box's pages are done with
+            self.last = self.by_index[(index.fqn, index.offset)]
+            return self.last
+
+    return BoxPlanner()
+
+
 def export_state_dict(checkpoint: Checkpoint, qkv: str = STACKED) -> dict[str, torch.Tensor]:
     """The tensors of a DCP export under nanoGPT's names, lm_head included (it is wte's bytes); with
     qkv="stacked" c_attn as (3, C, C) and (3, C) views of nanoGPT's fused tensors."""
@@ -501,6 +548,11 @@ def export_state_dict(checkpoint: Checkpoint, qkv: str = STACKED) -> dict[str, t
     for tied, source in TIED.items():
         state[tied] = state[source]
     return state
+
+
+def stored_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape tpshard's export stores a nanoGPT tensor in: c_attn's q, k, v stacked."""
+    return _stacked(shape) if name.endswith(C_ATTN) else shape
 
 
 def sidecar(checkpoint: Checkpoint, qkv: str = STACKED) -> dict:
@@ -526,18 +578,34 @@ def save_dcp(
     force: bool = False,
     tokenizer_file: Path | None = None,
     qkv: str = STACKED,
+    boxes: Boxes | None = None,
 ) -> None:
     """A DCP directory written by this one process (no process group): .metadata, one data file,
-    tpshard.json and the tokenizer, if any; all or nothing."""
+    tpshard.json and the tokenizer, if any; all or nothing. boxes: the tensors as the boxes to store
+    them in (a shard set's memory-mapped pieces: convert.dcp_boxes, stacked q, k, v), written one at a
+    time, nothing copied; by default checkpoint's tensors, each whole (export_state_dict)."""
     from torch.distributed.checkpoint import FileSystemWriter, save
     from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.filesystem import FileSystem
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     out_dir = Path(out_dir)
-    state = export_state_dict(checkpoint, qkv)
+    if boxes is None:
+        state = export_state_dict(checkpoint, qkv)
+        boxes = {name: (tuple(t.shape), [((0,) * t.dim(), t)]) for name, t in state.items()}
     record = sidecar(checkpoint, qkv)
 
+    class StagedFileSystem(FileSystem):
+        @contextmanager
+        def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[object]:
+            with super().create_stream(path, mode) as stream:  # torch.save's records, through a staging buffer
+                yield StagedFile(stream) if "w" in mode else stream
+
     class Writer(FileSystemWriter):
+        def __init__(self, path: Path):
+            super().__init__(path)
+            self.fs = StagedFileSystem()
+
         def storage_meta(self) -> StorageMeta:  # the output's name, not the temporary's it is written under
             return StorageMeta(checkpoint_id=str(out_dir), save_id=self.save_id)
 
@@ -545,7 +613,7 @@ def save_dcp(
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", SINGLE_PROCESS_WARNING)
-                save(state, storage_writer=Writer(tmp), no_dist=True)
+                save({}, storage_writer=Writer(tmp), planner=_box_planner(boxes), no_dist=True)
         except (Exception, CheckpointException) as e:  # the latter a BaseException, wrapping a full disk's OSError
             raise TpshardError(
                 f"{out_dir}: writing failed ({write_failure(_inner(e))}); {out_dir} is unchanged"

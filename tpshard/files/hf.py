@@ -17,7 +17,6 @@ from tpshard.errors import TpshardError
 from tpshard.files.atomic import atomic_directory
 from tpshard.files.checkpoint import Checkpoint, clean_state_dict, config_from_model_args
 from tpshard.files.nanogpt import read_checkpoint_file
-from tpshard.files.pages import drop_file_pages, shares_memory
 from tpshard.files.tensorfile import Layout, Progress, TensorSource, layout_of, write_safetensors
 from tpshard.parallel.plan import TIED
 
@@ -123,7 +122,8 @@ def hf_config(config: GPTConfig) -> dict:
 
 def hf_tensors(checkpoint: Checkpoint) -> TensorSource:
     """HF GPT-2 names and layouts (lm_head left out: HF ties it to wte), each tensor made from the
-    checkpoint's only when asked for (a Conv1D weight transposed then, its source's pages released)."""
+    checkpoint's only when asked for; a Conv1D weight is a transposed view of it, which the streaming
+    writer reads where it lies (tensorfile.tensor_chunks), never copied whole."""
     source = checkpoint.state_dict
     layout: Layout = []
     origin: dict[str, tuple[str, bool]] = {}  # HF name -> (nanoGPT name, transposed); zero biases: ("", False)
@@ -147,17 +147,14 @@ def hf_tensors(checkpoint: Checkpoint) -> TensorSource:
             dtype, shape = kinds[key]
             return torch.zeros(shape, dtype=dtype)
         tensor = source[name]
-        out = (tensor.t() if conv else tensor).contiguous()
-        if not shares_memory(out, tensor):
-            drop_file_pages(tensor)  # copied: its pages are done with (a view's are dropped once written)
-        return out
+        return tensor.t() if conv else tensor  # a view: the writer copies it out a stage at a time
 
     return TensorSource(layout, make)
 
 
 def hf_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
-    """HF GPT-2 names and layouts (lm_head left out: HF ties it to wte), every tensor in memory."""
-    return dict(hf_tensors(checkpoint))
+    """HF GPT-2 names and layouts (lm_head left out: HF ties it to wte), every tensor in memory, contiguous."""
+    return {key: tensor.contiguous() for key, tensor in hf_tensors(checkpoint).items()}
 
 
 def save_hf(checkpoint: Checkpoint, out_dir: Path, *, force: bool = False, progress: Progress | None = None) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from tpshard.files.pages import drop_file_pages, trim_free_memory
-from tpshard.files.tensorfile import Progress
+from tpshard.files.tensorfile import Progress, StagedFile, one_thread
 
 _STORAGE_TYPES = torch.storage._dtype_to_storage_type_map()  # torch.float32 -> "FloatStorage", ...
 
@@ -94,7 +94,12 @@ def save_streamed(obj: object, path: Path, progress: Progress | None = None) -> 
     alignment = str(torch.serialization._get_storage_alignment())
     # PyTorch's writer on a file opened here (as torch.save opens one it is given, not a path): the
     # archive's folder is "archive", not named after the temporary file it is written as
-    with open(path, "wb") as file, torch.serialization._open_zipfile_writer(file) as writer:
+    # writes through a staging buffer (tensorfile.StagedFile): the zip writer hands over each record whole
+    with (
+        open(path, "wb") as file,
+        torch.serialization._open_zipfile_writer(StagedFile(file)) as writer,
+        one_thread(),
+    ):
         writer.write_record("data.pkl", pickled, len(pickled))
         writer.write_record(".format_version", "1", len("1"))
         writer.write_record(".storage_alignment", alignment, len(alignment))
@@ -105,13 +110,25 @@ def save_streamed(obj: object, path: Path, progress: Progress | None = None) -> 
                 raise ValueError(f"record {key}: made {tensor.dtype} {tuple(tensor.shape)}, announced otherwise")
             data = tensor.detach().cpu().contiguous()
             size = data.numel() * data.element_size()
-            storage = data.untyped_storage()
-            if data.storage_offset() or storage.nbytes() != size:  # a view into a larger storage
-                storage = data.clone().untyped_storage()
-            writer.write_record(f"data/{key}", storage, size)
-            del data, storage
+            _write_bytes(writer, f"data/{key}", data, size)
+            del data
             drop_file_pages(tensor)
             del tensor  # before the next is made: one tensor alive at a time
             trim_free_memory(size)  # the writer's own small allocations pin the freed memory otherwise
             if progress:
                 progress(size)
+
+
+def _write_bytes(writer: torch._C.PyTorchFileWriter, name: str, data: torch.Tensor, size: int) -> None:
+    """A contiguous tensor's own bytes as a record, from where they lie (a view into a larger storage
+    too: the writer takes an address and a length); a torch without that overload gets the storage, a
+    view's copied out first."""
+    try:
+        writer.write_record(name, data.data_ptr(), size)
+        return
+    except TypeError:
+        pass
+    storage = data.untyped_storage()
+    if data.storage_offset() or storage.nbytes() != size:  # a view into a larger storage
+        storage = data.clone().untyped_storage()
+    writer.write_record(name, storage, size)

@@ -201,6 +201,30 @@ def unshard(
     return torch.cat(pieces, dim=rule.dim)
 
 
+def piece_box(
+    name: str, piece: torch.Tensor, rank: int, vocab_parallel: bool = False, vocab_size: int | None = None
+) -> tuple[tuple[int, ...], torch.Tensor] | None:
+    """Where rank's piece lies in the dense tensor, as (offsets, the piece or a view of it): the inverse
+    of `shard` one piece at a time, for writers that store a tensor as boxes (DCP). A q, k, v piece
+    [q_r; k_r; v_r] is one box of the stacked (3, n_embd, ...) layout only: it is returned viewed as
+    (3, n_embd / N, ...). None: the rank holds none of it (the padding rows past the vocabulary), or a
+    replicated tensor held whole by rank 0 already."""
+    rule = rule_for(name, vocab_parallel)
+    if rule is Rule.REPLICATED:
+        return ((0,) * piece.dim(), piece) if rank == 0 else None
+    if rule is Rule.VOCAB:
+        assert vocab_size is not None
+        first = rank * piece.size(0)
+        rows = min(piece.size(0), vocab_size - first)
+        return ((first,) + (0,) * (piece.dim() - 1), piece[:rows]) if rows > 0 else None
+    if rule is Rule.QKV_COLUMN:
+        part = piece.view(3, piece.size(0) // 3, *piece.shape[1:])
+        return (0, rank * part.size(1), *(0,) * (piece.dim() - 1)), part
+    offsets = [0] * piece.dim()
+    offsets[rule.dim] = rank * piece.size(rule.dim)
+    return tuple(offsets), piece
+
+
 def join_local_ranks(name: str, pieces: list[torch.Tensor], vocab_parallel: bool = False) -> torch.Tensor:
     """The pieces of the ranks one process hosts as one parameter: rank-major along the split dim
     (the layout the model's parallel layers expect, see model.py)."""
