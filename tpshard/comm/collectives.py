@@ -36,9 +36,15 @@ def rank_order_sum(parts: torch.Tensor, out: torch.Tensor | None = None) -> torc
     """parts [N, ...] added up one rank after the other: ((p0 + p1) + p2) + ... Elementwise, so every
     value is the same whatever the shape it sits in (a whole sequence, a rank's chunk of it, a slot):
     torch.sum over dim 0 is not, it reassociates for 5 or more ranks on small tensors (measured,
-    torch 2.13 CPU), which would break sequence parallelism's bit-for-bit match with tensor parallelism."""
+    torch 2.13 CPU), which would break sequence parallelism's bit-for-bit match with tensor parallelism.
+    Half precision is summed in float32 and rounded once, as torch.sum does."""
     if out is None and len(parts) == 1:
         return parts[0]  # one rank: its partial is the sum, no copy (the caller's own tensor)
+    if parts.dtype in (torch.float16, torch.bfloat16):
+        total = parts[0].float()
+        for part in parts[1:]:
+            total += part
+        return total.to(parts.dtype) if out is None else out.copy_(total)
     out = parts[0].clone() if out is None else out.copy_(parts[0])
     for part in parts[1:]:
         out += part
