@@ -50,8 +50,8 @@ def prefill(model: GPT, prompt: torch.Tensor) -> None:
 
 
 def peak_allocated(model: GPT, prompt: torch.Tensor) -> int:
-    """The most bytes torch held at once during one prefill, above what it held before (its KV cache
-    included: allocated before the forward starts). From the profiler's raw allocation events; the
+    """The most bytes torch held at once during one prefill, above what it held before: the KV cache,
+    allocated before the forward starts, is not counted. From the profiler's raw allocation events; the
     aggregated op table attributes them to ops and loses their order."""
     cache = KVCache(model, prompt.size(0), capacity=prompt.size(1))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, torch.inference_mode():

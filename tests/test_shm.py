@@ -46,7 +46,9 @@ def inputs(seed: int, world: int, shape: tuple[int, ...], dtype: torch.dtype) ->
 
 
 def reduce_expected(parts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(parts).sum(0)  # what ProcessGroupCollectives computes: all-gather, then sum(0)
+    # what ProcessGroupCollectives computes: all-gather, then rank_order_sum (torch.sum's result at the 2 and 3
+    # ranks tested here; it reassociates from 5)
+    return torch.stack(parts).sum(0)
 
 
 def check(name: str, got: torch.Tensor, expected: torch.Tensor, digest: "hashlib._Hash | None") -> None:

@@ -296,8 +296,7 @@ class SequenceSchedule:
 def sequence_schedule(
     config: GPTConfig, dtype: torch.dtype, tp: int, stages: Stages, vocab_parallel: bool = False
 ) -> SequenceSchedule:
-    counts = [plan.stage_sequence_collectives(config, stages, s, vocab_parallel) for s in range(stages.pp)]
-    scatters, gathers = (sum(c) for c in zip(*counts, strict=True))
+    scatters, gathers = plan.sequence_collectives(config, stages, vocab_parallel)
     width = config.n_embd * dtype.itemsize
     moved = f"the whole sequence for the output layer: {config.n_embd} x {dtype.itemsize} B per position"
     after = [

@@ -155,6 +155,13 @@ def stage_sequence_collectives(
     return stage_sync_points(config, stages, stage, vocab_parallel), gathers
 
 
+def sequence_collectives(config: GPTConfig, stages: Stages, vocab_parallel: bool = False) -> tuple[int, int]:
+    """(reduce-scatters, all-gathers) of a whole sequence-parallel forward: stage_sequence_collectives
+    summed over the stages."""
+    counts = [stage_sequence_collectives(config, stages, s, vocab_parallel) for s in range(stages.pp)]
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
 def sequence_collectives_explained(config: GPTConfig, vocab_parallel: bool = False) -> str:
     """Where a sequence-parallel forward's counts come from, in words."""
     per = len(block_sync_points())

@@ -56,8 +56,7 @@ def _count_sequence(result: Communication, forwards: list[dict[str, int]], shard
     move per rank, (N-1)/N of the [B, N*c, C] activations each spans (the length padded to N*c)."""
     m = shards.manifest
     N, stages = m.tp_size, m.stage_plan
-    per_stage = [plan.stage_sequence_collectives(m.config, stages, s, m.vocab_parallel) for s in range(m.grid.pp)]
-    scatters, gathers = (sum(counts) for counts in zip(*per_stage, strict=True))
+    scatters, gathers = plan.sequence_collectives(m.config, stages, m.vocab_parallel)
     width = m.config.n_embd * m.dtype.itemsize
     spans = sum((scatters + gathers) * f["batch"] * -(-f["length"] // N) * N * width for f in forwards)
     result.sequence_parallel = True
