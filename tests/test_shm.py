@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from tpshard.comm import shm
 from tpshard.comm.choose import open_collectives
+from tpshard.comm.collectives import Piece
 from tpshard.comm.process_group import LostPeer, ProcessGroupCollectives
 from tpshard.comm.shm import SharedMemoryCollectives, shm_unavailable_reason
 from tpshard.errors import TpshardError
@@ -72,12 +73,7 @@ def exercise(
                 parts = inputs(seed, world, shape, dtype)
                 check("reduce", comm.reduce_partials(parts[rank][None]), reduce_expected(parts), digest)
                 check("gather", comm.gather_logits(parts[rank]), torch.cat(parts, dim=-1), digest)
-                # sequence-parallel: shape is one rank's chunk (B, c, C) of a sequence of world * c positions
-                B, c, C = shape
-                whole = inputs(seed + 10_000, world, (B, world * c, C), dtype)
-                mine = reduce_expected(whole)[:, rank * c : (rank + 1) * c]
-                check("reduce-scatter", comm.reduce_scatter_sequence(whole[rank][None]), mine, None)
-                check("all-gather", comm.all_gather_sequence(parts[rank]), torch.cat(parts, dim=1), digest)
+                exercise_pieces(comm, inputs(seed + 10_000, world, shape, dtype), digest)
                 if dtype == torch.int64:
                     token = parts[rank].view(-1)[: 8 * (i + 1)].clone()
                     check("broadcast", comm.broadcast_token(token), parts[0].view(-1)[: 8 * (i + 1)], digest)
@@ -91,6 +87,28 @@ def exercise(
         else:
             token = parts[rank].view(torch.int64)[0, 0, :4].clone()
             check("broadcast", comm.broadcast_token(token), parts[0].view(torch.int64)[0, 0, :4], digest)
+
+
+def exercise_pieces(comm, parts: list[torch.Tensor], digest: "hashlib._Hash") -> None:
+    """The sequence-parallel pieces: every rank owns a piece (B, s, C) of a sequence of world * s positions
+    in turn; its rows are a strided view of a rank's chunk when B > 1, and so is where the sum goes. Checks
+    the bytes received too: a piece by each non-owner, the others' partials of it by the owner."""
+    rank, world = comm.rank, comm.world_size
+    s = parts[0].size(1)
+    local = parts[rank].repeat(1, 2, 1)  # a chunk of two pieces; the piece is its second half
+    summed = torch.zeros_like(local)
+    for owner in range(world):
+        piece = Piece(owner, owner * s, s, first=owner == 0)
+        before = comm.received_bytes
+        mine = local[:, s:] if rank == owner else None
+        check("gather piece", comm.gather_piece(mine, piece, local), parts[owner], digest)
+        out = summed[:, s:] if rank == owner else None
+        comm.reduce_piece(parts[rank][None], piece, out)
+        if rank == owner:
+            check("reduce piece", summed[:, s:], reduce_expected(parts), None)
+        size = parts[0].numel() * parts[0].element_size()
+        received = comm.received_bytes - before
+        assert received == (size * (world - 1) if rank == owner else size), f"received {received} bytes"
 
 
 def leftovers() -> list[str]:
@@ -149,6 +167,7 @@ def _exchanges(group) -> None:
         parts = inputs(200 + i, world, shape, dtype)
         check("large reduce", other.reduce_partials(parts[rank][None]), reduce_expected(parts), digest)
         check("large gather", other.gather_logits(parts[rank]), torch.cat(parts, dim=-1), digest)
+        exercise_pieces(other, parts, digest)
 
     # bit-identical to the process group's collectives, for the same inputs
     gloo = ProcessGroupCollectives(group.setup, rank, world, torch.device("cpu"), poll=False)
@@ -158,12 +177,19 @@ def _exchanges(group) -> None:
             "reduce vs gloo", small.reduce_partials(parts[rank][None]), gloo.reduce_partials(parts[rank][None]), digest
         )
         check("gather vs gloo", small.gather_logits(parts[rank]), gloo.gather_logits(parts[rank]), digest)
-        whole = inputs(8, world, (2, 3 * world, 1500), dtype)[rank][None]
-        scattered = small.reduce_scatter_sequence(whole)
-        check("reduce-scatter vs gloo", scattered, gloo.reduce_scatter_sequence(whole), None)
-        check("reduce-scatter vs reduce", scattered, gloo.reduce_partials(whole)[:, 3 * rank : 3 * rank + 3], None)
-        gathered = small.all_gather_sequence(parts[rank])
-        check("all-gather vs gloo", gathered, gloo.all_gather_sequence(parts[rank]), digest)
+        for owner in range(world):
+            piece = Piece(owner, 3 * owner, 3, first=owner == 0)
+            mine = parts[rank] if rank == owner else None
+            gathered = small.gather_piece(mine, piece, parts[rank])
+            check("gather piece vs gloo", gathered, gloo.gather_piece(mine, piece, parts[rank]), digest)
+            sums = [torch.empty_like(parts[0]) if rank == owner else None for _ in range(2)]
+            small.reduce_piece(parts[rank][None], piece, sums[0])
+            gloo.reduce_piece(parts[rank][None], piece, sums[1])
+            reduced = gloo.reduce_partials(parts[rank][None])  # every rank takes part
+            if rank == owner:
+                check("reduce piece vs gloo", sums[0], sums[1], None)
+                check("reduce piece vs reduce", sums[0], reduced, None)
+        exercise_pieces(gloo, parts, digest)
     assert small.seconds > 0 and other.seconds > 0
 
     # the factory: auto picks shm here; shm where it cannot serve says why and what to use

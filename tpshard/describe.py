@@ -25,6 +25,7 @@ from tpshard.files.shardset import MANIFEST, Manifest, ShardSet, rank_file_ident
 from tpshard.files.tensorfile import DTYPE_NAMES, DTYPES, NAMES_BY_CODE, open_safetensors, sha256_file
 from tpshard.parallel import plan
 from tpshard.parallel.grid import ParallelDims, Stages, check_tp, valid_tp_sizes
+from tpshard.parallel.sequence import PIECE_ROWS
 from tpshard.tokenizer import find_tokenizer
 
 # --- the split plan -------------------------------------------------------------------------------
@@ -229,7 +230,8 @@ def block_flow(config: GPTConfig, tp_size: int, itemsize: int, sequence_parallel
     }
     sync_points = plan.block_sync_points()
     per_token = f"{C} values x {itemsize} B per token"
-    moved = f"{C} x {itemsize} B per position, (N-1)/N of them moved per rank"
+    moved = f"{C} x {itemsize} B per position, (N-1)/N of them received per rank"
+    pieces = f"a piece of at most {PIECE_ROWS} positions at a time"
 
     def linear(module: str) -> list[Step]:
         rule = plan.BLOCK_PLAN[module]
@@ -237,10 +239,11 @@ def block_flow(config: GPTConfig, tp_size: int, itemsize: int, sequence_parallel
         if rule is not plan.Rule.ROW:
             how = "column, per head" if rule is plan.Rule.QKV_COLUMN else "column"
             step = Step(module, "column", f"{how}: {shapes[module]}")
-            gather = Step(f"ALL-GATHER #{number}", "all-gather", f"the whole sequence from the chunks: {moved}")
+            what = f"the sequence from the chunks, {pieces}, each from its owner: {moved}"
+            gather = Step(f"ALL-GATHER #{number}", "all-gather", what)
             return [gather, step] if sequence_parallel else [step]
         if sequence_parallel:
-            what = f"sum the {tp_size} ranks' partials, each keeps its chunk: {moved}"
+            what = f"sum the {tp_size} ranks' partials of each piece onto its owner, each keeps its chunk: {moved}"
             reduce = Step(f"REDUCE-SCATTER #{number}", "reduce-scatter", what)
         else:
             reduce = Step(f"ALL-REDUCE #{number}", "all-reduce", f"sum the {tp_size} ranks' partials: {per_token}")
@@ -283,8 +286,10 @@ def _pair(column: str) -> str:
 class SequenceSchedule:
     """inspect --sequence-parallel: what a forward of more than one token does (parallel/sequence.py)."""
 
+    before_blocks: list[Step]  # stage 0: the embeddings, cut into chunks
     block: list[Branch]  # one block's schedule
     after_blocks: list[Step]  # the last stage: ln_f on the chunk, the all-gather, the output layer
+    pieces: str  # how the region between an all-gather and a reduce-scatter runs
     reduce_scatters_per_forward: int  # summed over the stages
     all_gathers_per_forward: int
     moved_bytes_per_token: int  # by both, per rank, for a length tp divides: (N-1)/N of each's activations
@@ -298,15 +303,31 @@ def sequence_schedule(
 ) -> SequenceSchedule:
     scatters, gathers = plan.sequence_collectives(config, stages, vocab_parallel)
     width = config.n_embd * dtype.itemsize
-    moved = f"the whole sequence for the output layer: {config.n_embd} x {dtype.itemsize} B per position"
+    moved = (
+        f"the whole sequence for the output layer, or, generating, its last position: {config.n_embd} x "
+        f"{dtype.itemsize} B per position"
+    )
+    if vocab_parallel:
+        what = "each rank looks up the tokens of its vocabulary slice, zeros elsewhere, a piece at a time"
+        embed = Step("wte (vocab-parallel)", "column", what)
+        summed = Step("REDUCE-SCATTER", "reduce-scatter", "each piece's partial embeddings summed onto its owner")
+        before = [embed, summed]
+    else:
+        before = [Step("wte", "replicated", "every rank looks up the whole sequence and keeps its chunk")]
+    before.append(Step("+ wpe", "chunk", "the positions of the chunk"))
     after = [
         Step("ln_f", "chunk", "on the chunk"),
         Step("ALL-GATHER", "all-gather", moved),
-        Step("lm_head", "replicated" if not vocab_parallel else "column", "the logits of every position"),
+        Step("lm_head", "replicated" if not vocab_parallel else "column", "the logits of those positions"),
     ]
     return SequenceSchedule(
+        before_blocks=before,
         block=block_flow(config, tp, dtype.itemsize, sequence_parallel=True),
         after_blocks=after,
+        pieces=f"between an all-gather and its reduce-scatter a rank computes a piece of at most {PIECE_ROWS} "
+        "positions at a time, in order (attention is causal: earlier pieces are in the KV cache): the owner "
+        "of the piece's chunk broadcasts it, every rank computes its heads' or units' partial sums, which are "
+        "reduced onto the owner. No rank holds the whole sequence's activations, only its chunk and one piece",
         reduce_scatters_per_forward=scatters,
         all_gathers_per_forward=gathers,
         moved_bytes_per_token=(scatters + gathers) * width * (tp - 1) // tp,

@@ -118,10 +118,12 @@ class Stats:
     sync_bytes: int = 0  # bytes those reductions produced, per rank
     sync_median_seconds: float = 0.0  # one reduction's median wall time (decode steps and prefill alike)
     sequence_parallel: bool = False  # forwards of more than one token ran the sequence-parallel schedule
-    long_forwards: int = 0  # forwards of more than one token: the prompt's, and windows recomputed past block_size
+    sequence_forwards: int = 0  # of them: the forwards that ran it (the prompt's; windows recomputed past block_size)
     scatters: int = 0  # sequence-parallel reduce-scatters
     gathers: int = 0  # and all-gathers
-    sequence_bytes: int = 0  # of the whole-sequence activations they span, per rank
+    pieces: int = 0  # the pieces they were carried in
+    sequence_bytes: int = 0  # of the activations they span, counted piece by piece
+    received_bytes: int = 0  # of those pieces that crossed into this rank's process from another
     sends: int = 0  # activations handed to the next pipeline stage
     sent_bytes: int = 0
     comm_seconds: float = 0.0  # in cross-process collectives (waiting for the slowest rank included)
@@ -173,7 +175,7 @@ class Runner:
         idx = torch.tensor([prompt], dtype=torch.long, device=self.device)
         self._stats.samples += 1
         tokens = generate(self.model, idx, max_new_tokens, self._pick)
-        hook = self.model.register_forward_pre_hook(self._count_long)
+        hook = self.model.register_forward_pre_hook(self._count_sequence_parallel)
         try:
             start = time.perf_counter()
             for i, token in enumerate(tokens):
@@ -190,8 +192,8 @@ class Runner:
         finally:
             hook.remove()
 
-    def _count_long(self, _model: GPT, args: tuple) -> None:
-        self._stats.long_forwards += int(args[0].size(1) > 1)
+    def _count_sequence_parallel(self, model: GPT, args: tuple) -> None:
+        self._stats.sequence_forwards += model.sequence_split(args[0].size(1)) is not None
 
     def stats(self) -> Stats:
         counted = self.comm if isinstance(self.comm, CountingCollectives) else CountingCollectives(self.comm)
@@ -203,7 +205,9 @@ class Runner:
             sequence_parallel=self.model.sequence_parallel,
             scatters=counted.scatters,
             gathers=counted.gathers,
+            pieces=counted.pieces,
             sequence_bytes=counted.sequence_bytes,
+            received_bytes=counted.received_bytes,
             sends=counted.sends,
             sent_bytes=counted.sent_bytes,
             comm_seconds=self.comm.seconds,

@@ -36,22 +36,26 @@ from tpshard.parallel.sequence import SequenceSplit
 class KVCache:
     """Keys and values of the tokens seen so far, per layer, for this process's heads only."""
 
-    def __init__(self, model: "GPT", batch_size: int, capacity: int | None = None):
+    def __init__(self, model: "GPT", batch_size: int, capacity: int | None = None, *, scratch: bool = False):
         """capacity: the most tokens it will hold (default and at most block_size); memory is
-        allocated for that many up front."""
+        allocated for that many up front. scratch: one forward's keys and values, kept by no one after
+        it: every layer shares one buffer (a layer's are needed only while it runs)."""
         blocks = model.transformer.h
         attn = next(iter(blocks.values())).attn
         self.capacity = min(capacity or model.config.block_size, model.config.block_size)
         shape = (batch_size, attn.n_local_heads, self.capacity, attn.head_size)
         param = next(model.parameters())
-        self.keys = {int(layer): param.new_empty(shape) for layer in blocks}  # this process's blocks only
-        self.values = {int(layer): param.new_empty(shape) for layer in blocks}
+        shared = (param.new_empty(shape), param.new_empty(shape)) if scratch else None
+        self.keys = {int(layer): shared[0] if shared else param.new_empty(shape) for layer in blocks}
+        self.values = {int(layer): shared[1] if shared else param.new_empty(shape) for layer in blocks}
         self.length = 0  # tokens already stored
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.size(2)
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
+    def store(self, layer: int, at: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep k, v [B, heads, T, hs] of positions at .. at+T-1; returns the keys and values of every
+        position up to the last of them."""
+        end = at + k.size(2)
+        self.keys[layer][:, :, at:end] = k
+        self.values[layer][:, :, at:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
@@ -67,24 +71,29 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = parallel_linear("attn.c_attn", C, 3 * width, bias=bias, local_ranks=R)
         self.c_proj = parallel_linear("attn.c_proj", width, C, bias=bias, local_ranks=R)
 
-    def forward(
-        self, x: torch.Tensor, layer: int, cache: KVCache | None, comm: Collectives, seq: SequenceSplit | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache | None, comm: Collectives) -> torch.Tensor:
+        """x [B, T, C], the tokens after the cached ones: the output, reduced."""
+        return self.c_proj(self.heads(x, layer, cache, cache.length if cache is not None else 0), comm)
+
+    def partials(self, x: torch.Tensor, layer: int, cache: KVCache, start: int) -> torch.Tensor:
+        """x [B, T, C] at positions start .. start+T-1, every earlier position in the cache: every local
+        rank's partial sum of the output, [R, B, T, C] (sequence-parallel, one piece)."""
+        return self.c_proj.partials(self.heads(x, layer, cache, start))
+
+    def heads(self, x: torch.Tensor, layer: int, cache: KVCache | None, start: int) -> torch.Tensor:
+        """Each local head's attention output for x [B, T, C] at positions start ..: [B, T, R, h*hs]."""
         B, T, _ = x.shape
         R, h, hs = self.local_ranks, self.heads_per_rank, self.head_size
         # each local rank's output columns are [q_r; k_r; v_r] for its own heads
         q, k, v = self.c_attn(x).view(B, T, R, 3, h, hs).unbind(3)  # each (B, T, R, h, hs)
         q, k, v = (t.reshape(B, T, R * h, hs).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hs)
-        start = 0
         if cache is not None:
-            start = cache.length
-            k, v = cache.update(layer, k, v)
+            k, v = cache.store(layer, start, k, v)  # (B, heads, start+T, hs)
         if start == 0 and T > 1:  # a prefill: the kernel's own causal mask, none materialized ([T, T] floats)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(start, T, x.device))
-        y = y.transpose(1, 2).reshape(B, T, R, h * hs)  # each local rank's heads together
-        return self.c_proj(y, comm, seq)
+        return y.transpose(1, 2).reshape(B, T, R, h * hs)  # each local rank's heads together
 
 
 def _causal_mask(start: int, T: int, device: torch.device) -> torch.Tensor | None:
@@ -106,14 +115,23 @@ class MLP(nn.Module):
         self.c_fc = parallel_linear("mlp.c_fc", C, hidden, bias=bias, local_ranks=R)
         self.c_proj = parallel_linear("mlp.c_proj", hidden, C, bias=bias, local_ranks=R)
 
-    def forward(self, x: torch.Tensor, comm: Collectives, seq: SequenceSplit | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, comm: Collectives) -> torch.Tensor:
+        """x [B, T, C]: the output, reduced."""
+        return self.c_proj(self.units(x), comm)
+
+    def partials(self, x: torch.Tensor) -> torch.Tensor:
+        """Every local rank's partial sum of the output, [R, B, T, C] (sequence-parallel, one piece)."""
+        return self.c_proj.partials(self.units(x))
+
+    def units(self, x: torch.Tensor) -> torch.Tensor:
+        """The local hidden units after the GELU, [B, T, R, hidden per rank]."""
         B, T, _ = x.shape
         h = self.c_fc(x)
         if torch.is_grad_enabled():
             h = F.gelu(h, approximate=self.approximate)
         else:  # in place: the hidden units, the largest activation of a prefill, held once
             torch.ops.aten.gelu_(h, approximate=self.approximate)
-        return self.c_proj(h.view(B, T, self.local_ranks, -1), comm, seq)  # (B, T, R, hidden per rank)
+        return h.view(B, T, self.local_ranks, -1)
 
 
 class Block(nn.Module):
@@ -127,14 +145,22 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, layer: int, cache: KVCache | None, comm: Collectives, seq: SequenceSplit | None = None
     ) -> torch.Tensor:
-        """x [B, T, C]; sequence-parallel, this process's chunks [B, R*c, C] (and so is the output)."""
-        x = x + self.attn(_whole(self.ln_1(x), seq, comm), layer, cache, comm, seq)
-        return x + self.mlp(_whole(self.ln_2(x), seq, comm), comm, seq)
+        """x [B, T, C]; sequence-parallel, this process's chunks [B, R*c, C] (and so is the output),
+        with a cache (a scratch one when the caller keeps none)."""
+        own = not torch.is_grad_enabled()  # the MLP's residual add may go in place: x is the block's own by then
+        if seq is None:
+            x = x + self.attn(self.ln_1(x), layer, cache, comm)  # the block's input is left as it was
+            out = self.mlp(self.ln_2(x), comm)
+            return x.add_(out) if own else x + out
+        assert cache is not None, "sequence-parallel attention goes a piece at a time, through a cache"
+        start = cache.length  # of the sequence: its pieces' positions count from 0
 
+        def attention(rows: torch.Tensor, at: int) -> torch.Tensor:
+            return self.attn.partials(rows, layer, cache, start + at)
 
-def _whole(x: torch.Tensor, seq: SequenceSplit | None, comm: Collectives) -> torch.Tensor:
-    """The whole sequence a column-parallel layer multiplies: sequence-parallel, all-gathered."""
-    return x if seq is None else seq.gather(x, comm)
+        x = seq.region(x, self.ln_1, attention, self.attn.c_proj.bias, comm)
+        mlp = self.mlp.partials
+        return seq.region(x, self.ln_2, lambda rows, _: mlp(rows), self.mlp.c_proj.bias, comm, in_place=own)
 
 
 class GPT(nn.Module):
@@ -212,17 +238,18 @@ class GPT(nn.Module):
             what = "block_size" if limit == self.config.block_size else "the KV cache's capacity"
             raise ValueError(f"sequence of {start + T} tokens exceeds {what} {limit}")
         seq = self.sequence_split(T)
+        kv = cache if cache is not None or seq is None else KVCache(self, B, T, scratch=True)
         x = torch.empty(0)
         for stage in self.placement.hosted:
             if stage == 0:
-                x = self.embed(idx, seq) + self.positions(start, T, seq)  # (B, T, C), or the chunks (B, R*c, C)
+                x = self.embed(idx, start, seq)  # (B, T, C), or the chunks (B, R*c, C)
                 if hidden_states is not None:
                     hidden_states.append(x if seq is None else seq.real_rows(x))
             else:
                 rows = T if seq is None else seq.chunk * len(self.placement.ranks)
                 x = self.comm.recv_forward((B, rows, self.config.n_embd), self.dtype, idx.device)
             for layer in self.stages.blocks(stage):
-                x = self.transformer.h[str(layer)](x, layer, cache, self.comm, seq)
+                x = self.transformer.h[str(layer)](x, layer, kv, self.comm, seq)
                 if hidden_states is not None:
                     hidden_states.append(x if seq is None else seq.real_rows(x))
             if stage < self.stages.pp - 1:
@@ -233,7 +260,7 @@ class GPT(nn.Module):
             return x.new_empty(B, 1 if last_only else T, 0)
         x = self.transformer.ln_f(x)
         if seq is not None:
-            x = seq.gather(x, self.comm)  # the output layer's input: the whole sequence
+            x = seq.gather(x, self.comm, last_only)  # the output layer's input: the whole sequence, or its end
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(x)
@@ -246,7 +273,7 @@ class GPT(nn.Module):
         (not sequence_parallel, or a one-token step: nothing to cut)."""
         if not self.sequence_parallel or T == 1:
             return None
-        return SequenceSplit.of(T, self.placement.tp_size, self.placement.ranks)
+        return SequenceSplit(T, self.placement.tp_size, self.placement.ranks)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -256,15 +283,15 @@ class GPT(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def embed(self, idx: torch.Tensor, seq: SequenceSplit | None = None) -> torch.Tensor:
-        """The token embeddings (B, T, C); sequence-parallel, this process's chunks (B, R*c, C)."""
+    def embed(self, idx: torch.Tensor, start: int, seq: SequenceSplit | None = None) -> torch.Tensor:
+        """The token and position embeddings of idx (B, T) at positions start ..: (B, T, C);
+        sequence-parallel, this process's chunks (B, R*c, C), looked up for their positions only."""
+        wte, T, device = self.transformer.wte, idx.size(1), idx.device
+        positions = torch.arange(start, start + T, device=device) if seq is None else seq.positions(start, device)
         if self.placement.vocab_parallel:  # reduced, or reduce-scattered, like a row-parallel output
             ranks, rows = self.placement.ranks, self.vocab_slice
-            return vocab_parallel_embed(self.transformer.wte, idx, ranks, rows, self.comm, seq)
-        x = self.transformer.wte(idx)
-        return x if seq is None else seq.scatter(x)
-
-    def positions(self, start: int, T: int, seq: SequenceSplit | None = None) -> torch.Tensor:
-        """The position embeddings of positions start .. start+T-1: (T, C), or the chunks (1, R*c, C)."""
-        x = self.transformer.wpe(torch.arange(start, start + T, device=self.transformer.wpe.weight.device))
-        return x if seq is None else seq.scatter(x[None])
+            tokens = vocab_parallel_embed(wte, idx, ranks, rows, self.comm, seq)
+        else:
+            tokens = wte(idx if seq is None else seq.scatter(idx))
+        x = tokens + self.transformer.wpe(positions)
+        return x if seq is None else seq.clear_padding(x)

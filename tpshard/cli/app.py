@@ -98,8 +98,10 @@ SEQUENCE_PARALLEL_HELP = (
     "Megatron's sequence parallelism for every forward of more than one token (the prompt, and each window "
     "recomputed once the text outgrows block_size): between the sync points each rank holds its chunk of the "
     "sequence (LayerNorms and residual adds on 1/tp of the positions), each all-reduce becomes a reduce-scatter "
-    "and an all-gather brings the sequence back before attention and the MLP. A length tp does not divide is "
-    "padded at the end. One-token decode steps keep the tensor-parallel schedule. Same tokens and logits."
+    "and an all-gather brings the sequence back before attention and the MLP, a piece of a few hundred positions "
+    "at a time, so that no rank holds the whole prompt's activations. A length tp does not divide is padded at "
+    "the end. One-token decode steps keep the tensor-parallel schedule. Needs tp 2 or more. Logits equal "
+    "the tensor-parallel and dense ones to fp32 rounding."
 )
 
 

@@ -328,7 +328,8 @@ def _sequence(out: Console, s: "SequenceSchedule", tp: int) -> None:
     counts = f"{s.reduce_scatters_per_forward} reduce-scatters + {s.all_gathers_per_forward} all-gathers per forward"
     title = ("a forward of more than one token, sequence-parallel", "bold")
     tree = Tree(Text.assemble(title, f" at tp {tp}: {counts}"))
-    branches = [(b.name, b.steps) for b in s.block] + [("after the last block", s.after_blocks)]
+    branches = [("before the first block", s.before_blocks), *((b.name, b.steps) for b in s.block)]
+    branches.append(("after the last block", s.after_blocks))
     width = max(len(step.op) for _, steps in branches for step in steps)
     for name, steps in branches:
         node = tree.add(Text(name, style="bold"))
@@ -339,11 +340,13 @@ def _sequence(out: Console, s: "SequenceSchedule", tp: int) -> None:
     facts = _facts()
     facts.add_row(
         "moved",
-        f"{_size(s.moved_bytes_per_token, exact=True)} per rank per token of a prompt: (N-1)/N of each collective's "
+        f"{_size(s.moved_bytes_per_token, exact=True)} received per rank per token of a prompt: (N-1)/N of each "
+        "collective's "
         f"activations (the tensor-parallel schedule all-reduces {_size(s.all_reduce_bytes_per_token, exact=True)} "
         f"per token; a ring all-reduce moves 2(N-1)/N of that: about the same bytes)",
     )
     facts.add_row("residual stream", f"{_size(s.residual_bytes_per_token, exact=True)} per token per rank: 1/{tp}")
+    facts.add_row("pieces", s.pieces)
     facts.add_row("decode", s.decode)
     out.print(facts)
 

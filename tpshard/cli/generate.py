@@ -125,6 +125,7 @@ def generate(
     from tpshard.files.shardset import ShardSet
     from tpshard.files.tensorfile import DTYPES
     from tpshard.generation import Sampling
+    from tpshard.parallel import sequence
     from tpshard.runtime import launch
     from tpshard.runtime.models import dense_model, simulated_model
     from tpshard.runtime.programs import Request, generate_on_rank, generate_samples, grid_label
@@ -149,6 +150,8 @@ def generate(
             "--sequence-parallel cuts the sequence across a shard set's tensor-parallel ranks; a dense run has "
             "one: use --mode simulated or distributed with a shard set"
         )
+    if sequence_parallel and shards is not None:
+        sequence.check_tp(shards.manifest.tp_size)
     if shards is not None:
         config, dataset = shards.manifest.config, shards.manifest.dataset
         tokenizer = tokenizer or shards.tokenizer_path  # the one shipped in the set, whatever its name
@@ -308,7 +311,7 @@ def _report(run_stats: "Stats", request: "Request", ranks: "list[RankUsage] | No
         assert ranks is not None
         firsts = [next(u for u in ranks if u.stage == stage) for stage in sorted({u.stage for u in ranks})]
     # sequence-parallel: the forwards of more than one token hold no reduction; the sync points are the steps'
-    steps = s.forwards - s.long_forwards if s.sequence_parallel else s.forwards
+    steps = s.forwards - s.sequence_forwards
     if s.sequence_parallel:
         _sequence_rows(table, s, firsts)
     if pipelined:
@@ -336,13 +339,14 @@ def _report(run_stats: "Stats", request: "Request", ranks: "list[RankUsage] | No
     stderr.print(table)
     if ranks is not None:
         per_rank = Table(title="ranks", title_justify="left")
-        columns = ("rank", "stage", "shard file", "peak RSS", "communication") if pipelined else (
-            "rank", "shard file", "peak RSS", "communication"
-        )
+        columns = ["rank", *(["stage"] if pipelined else []), "shard file", "peak RSS", "communication"]
+        if s.sequence_forwards:  # what crossed into each rank in the pieces of the sequence-parallel collectives
+            columns.append("sequence-parallel received")
         for name in columns:
             per_rank.add_column(name, justify="right")
         for rank, usage in enumerate(ranks):
             cells = [_size(usage.shard_bytes), _size(usage.peak_rss), f"{usage.comm_seconds:.3f} s"]
+            cells += [_size(usage.received_bytes)] if s.sequence_forwards else []
             per_rank.add_row(str(rank), *([str(usage.stage)] if pipelined else []), *cells)
         stderr.print(per_rank)
 
@@ -354,18 +358,18 @@ def _step(s: "Stats") -> str:
 def _sequence_rows(table: Table, s: "Stats", stages: "list[RankUsage]") -> None:
     """--stats of a sequence-parallel run: which forwards ran which schedule, and what they exchanged
     (stages: tp rank 0 of each pipeline stage, when there are several)."""
-    steps = s.forwards - s.long_forwards
-    long = f"{s.long_forwards} forward(s) of more than one token (the prompt; windows past block_size)"
+    steps, forwards = s.forwards - s.sequence_forwards, s.sequence_forwards
+    long = f"{forwards} forward(s) of more than one token (the prompt; windows past block_size)"
     table.add_row("schedule", f"sequence-parallel for {long}; tensor-parallel for {steps} one-token step(s)")
-    if not s.long_forwards:
+    if not forwards:
         return
     if stages:
-        scatters = " + ".join(f"{u.scatters // s.long_forwards}" for u in stages)
-        gathers = " + ".join(f"{u.gathers // s.long_forwards}" for u in stages)
+        scatters = " + ".join(f"{u.scatters // forwards}" for u in stages)
+        gathers = " + ".join(f"{u.gathers // forwards}" for u in stages)
         per = f"{scatters} reduce-scatters and {gathers} all-gathers per forward, stage by stage"
     else:
-        per = f"{s.scatters / s.long_forwards:g} reduce-scatters + {s.gathers / s.long_forwards:g} all-gathers"
-        per += f" per forward, spanning {_size(s.sequence_bytes)} of activations"
+        per = f"{s.scatters / forwards:g} reduce-scatters + {s.gathers / forwards:g} all-gathers per forward"
+        per += f" in {s.pieces / forwards:g} pieces, spanning {_size(s.sequence_bytes / forwards)} of activations"
     table.add_row("sequence-parallel", per)
 
 

@@ -103,7 +103,8 @@ def verify(
     every block boundary, logits within atol + rtol*|dense|, KL, top-1/top-5 agreement, and greedy
     decoding through the KV cache. Communication: reductions per forward and bytes per token, counted,
     against the theory (2 per block); with --sequence-parallel, the reduce-scatters and all-gathers of
-    each forward of more than one token and the bytes they move. With --oracle torch, PyTorch's
+    each forward of more than one token, the bytes they span and, distributed, the bytes the ranks
+    received (counted by the transports). With --oracle torch, PyTorch's
     logits must agree with both.
 
     Exit codes: 0 every check passed; 1 a check failed (a damaged shard set included); 2 verification
@@ -382,9 +383,13 @@ def _communication(out: Console, c: "Communication") -> None:
         ):
             each = f"{'/'.join(map(str, seen))} in each of {c.sequence_forwards}"
             table.add_row(f"sequence-parallel forward: {what}", str(want), each, _tick(seen == [want]))
-        moved_ok = c.sequence_bytes_measured == c.sequence_bytes_theory
-        moved = f"{c.sequence_bytes_theory:,}", f"{c.sequence_bytes_measured:,}"
-        table.add_row("their bytes moved per rank, (N-1)/N of each", *moved, _tick(moved_ok))
+        spanned_ok = c.sequence_bytes_measured == c.sequence_bytes_theory
+        spanned = f"{c.sequence_bytes_theory:,}", f"{c.sequence_bytes_measured:,}"
+        table.add_row("their bytes of activations spanned", *spanned, _tick(spanned_ok))
+        if c.received_bytes_theory is not None:
+            received_ok = c.received_bytes_measured == c.received_bytes_theory
+            received = f"{c.received_bytes_theory:,}", f"{c.received_bytes_measured:,}"
+            table.add_row("bytes received by the ranks, (N-1) x spanned", *received, _tick(received_ok))
     if c.sends_theory is not None:
         stages_ok = c.stage_collectives_measured == c.stage_collectives_theory
         theory = " + ".join(map(_collectives, c.stage_collectives_theory))

@@ -11,16 +11,22 @@ model calls these and never knows which implementation runs them.
                                                                the token one rank picked (tp rank 0
                                                                of the last pipeline stage)
 
-With sequence parallelism (parallel/sequence.py: rank r holds the r-th of N equal chunks of the
-sequence, c positions each), in place of reduce_partials (Megatron's reduce_scatter_to_ and
-gather_from_sequence_parallel_region):
+With sequence parallelism (parallel/sequence.py: rank r holds the r-th of N chunks of the sequence),
+Megatron-LM's all-gather before a column-parallel layer and reduce-scatter after a row-parallel one
+(gather_from_sequence_parallel_region, reduce_scatter_to_sequence_parallel_region), each carried
+in pieces: blocks of consecutive positions inside one rank's chunk (Piece), every rank taking the
+same pieces in the same order, so that the computation between the two runs one piece at a time
+and no rank ever holds the whole sequence's activations (Megatron's --tp-comm-overlap and
+PyTorch's fused all-gather-matmul / matmul-reduce-scatter cut them the same way):
 
-    reduce_scatter_sequence   partials [R, B, N*c, C] -> [B, R*c, C]    rank r's chunk of the sum,
-                              y_r = sum over all N ranks q of partial_q[:, r*c : (r+1)*c], summed in
-                              rank order like reduce_partials (so the same values, bit for bit)
-    all_gather_sequence       local [B, R*c, C] -> [B, N*c, C]          every rank's chunk, in rank
-                              order: the whole sequence, before a column-parallel layer
-Each moves (N-1)/N of the [B, N*c, C] activations per rank, as an all-reduce's two halves do.
+    gather_piece   rows [B, s, C] of the owner's chunk -> [B, s, C] on every rank: a broadcast from
+                   the owner. An all-gather is its pieces, every rank's in turn
+    reduce_piece   partials [R, B, s, C] -> out [B, s, C] on the owner: out = sum over all N ranks q
+                   of partial_q, in rank order like reduce_partials. A reduce-scatter is its pieces
+
+Over a collective each rank receives (N-1)/N of the [B, T, C] activations on average (all of the
+sequence but its own chunk; of a reduction, the other ranks' partials of its chunk), as each half
+of an all-reduce does; `received_bytes` counts what crossed into this process.
 
 And between pipeline stages (Megatron's p2p_communication):
 
@@ -29,15 +35,27 @@ And between pipeline stages (Megatron's p2p_communication):
                                                                sends to the same rank of the next stage
 """
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A block of consecutive positions of a sequence-parallel collective, inside one rank's chunk."""
+
+    owner: int  # the tensor-parallel rank whose chunk holds these positions
+    start: int  # the first position, in the whole sequence
+    rows: int  # positions
+    first: bool  # it begins a collective (the pieces of one come in order, the same on every rank)
 
 
 def rank_order_sum(parts: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """parts [N, ...] added up one rank after the other: ((p0 + p1) + p2) + ... Elementwise, so every
-    value is the same whatever the shape it sits in (a whole sequence, a rank's chunk of it, a slot):
-    torch.sum over dim 0 is not, it reassociates for 5 or more ranks on small tensors (measured,
-    torch 2.13 CPU), which would break sequence parallelism's bit-for-bit match with tensor parallelism.
-    Half precision is summed in float32 and rounded once, as torch.sum does."""
+    value is the same whatever the shape it sits in (a whole tensor, a piece of it, a shared-memory
+    slot), so that every implementation of a reduction gives the same bits: torch.sum over dim 0 does
+    not, it reassociates for 5 or more ranks on small tensors (measured, torch 2.13 CPU). Half precision
+    is summed in float32 and rounded once, as torch.sum does."""
     if out is None and len(parts) == 1:
         return parts[0]  # one rank: its partial is the sum, no copy (the caller's own tensor)
     if parts.dtype in (torch.float16, torch.bfloat16):
@@ -57,6 +75,7 @@ class Collectives:
     rank = 0  # this process's rank in the run (the tensor-parallel group when there is one stage)
     world_size = 1  # processes in the run
     seconds = 0.0  # spent in cross-process collectives, waiting for the other ranks included
+    received_bytes = 0  # of sequence-parallel pieces that crossed into this process from another
     p2p_seconds = 0.0  # of which in stage hand-overs and the token broadcast across stages
 
     def __init__(self) -> None:
@@ -73,11 +92,16 @@ class Collectives:
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
         return local
 
-    def reduce_scatter_sequence(self, partials: torch.Tensor) -> torch.Tensor:
-        return rank_order_sum(partials)  # this process hosts every rank: their chunks together are the whole sum
+    def gather_piece(self, rows: torch.Tensor | None, piece: Piece, like: torch.Tensor) -> torch.Tensor:
+        """rows: the piece, on the process that hosts its owner (None elsewhere); like: a tensor of the
+        piece's batch, width, dtype and device."""
+        assert rows is not None, "this process hosts every rank"
+        return rows
 
-    def all_gather_sequence(self, local: torch.Tensor) -> torch.Tensor:
-        return local
+    def reduce_piece(self, partials: torch.Tensor, piece: Piece, out: torch.Tensor | None) -> None:
+        """out: where the owner's process puts the sum (None elsewhere)."""
+        assert out is not None, "this process hosts every rank"
+        rank_order_sum(partials, out=out)
 
     def broadcast_token(self, token: torch.Tensor) -> torch.Tensor:
         return token

@@ -6,9 +6,18 @@ import time
 
 import torch
 
-from tpshard.comm.collectives import Collectives
+from tpshard.comm.collectives import Collectives, Piece
 
-COUNTS = ("reductions", "reduced_bytes", "scatters", "gathers", "sequence_bytes", "sends", "sent_bytes")
+COUNTS = (
+    "reductions",
+    "reduced_bytes",
+    "scatters",
+    "gathers",
+    "sequence_bytes",
+    "received_bytes",
+    "sends",
+    "sent_bytes",
+)
 
 
 class CountingCollectives(Collectives):
@@ -20,7 +29,9 @@ class CountingCollectives(Collectives):
         self.sent_bytes = 0
         self.scatters = 0  # sequence-parallel reduce-scatters
         self.gathers = 0  # and all-gathers
-        self.sequence_bytes = 0  # of the whole-sequence activations they span, [B, N*c, C] each
+        self.pieces = 0  # the pieces they were carried in
+        self.sequence_bytes = 0  # of the activations they span, [B, T, C] each, counted piece by piece
+        self._received_before = 0  # the implementation's received_bytes at the last reset
         self.at_sends: list[tuple[int, int, int]] = []  # (calls, scatters, gathers) as each send left: a stage's end
         self.sync_seconds: list[float] = []  # each reduction's wall time, the wait for the other ranks included
 
@@ -44,6 +55,11 @@ class CountingCollectives(Collectives):
     def p2p_seconds(self) -> float:  # type: ignore[override]
         return self.inner.p2p_seconds
 
+    @property
+    def received_bytes(self) -> int:  # type: ignore[override]
+        """Counted by the implementation that moves them (what crossed from another process), since reset."""
+        return self.inner.received_bytes - self._received_before
+
     def reduce_partials(self, partials: torch.Tensor) -> torch.Tensor:
         begin = time.perf_counter()
         out = self.inner.reduce_partials(partials)
@@ -55,20 +71,23 @@ class CountingCollectives(Collectives):
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
         return self.inner.gather_logits(local)
 
-    def reduce_scatter_sequence(self, partials: torch.Tensor) -> torch.Tensor:
-        self.scatters += 1
-        self.sequence_bytes += partials[0].numel() * partials.element_size()
-        return self.inner.reduce_scatter_sequence(partials)
-
-    def all_gather_sequence(self, local: torch.Tensor) -> torch.Tensor:
-        out = self.inner.all_gather_sequence(local)
-        self.gathers += 1
-        self.sequence_bytes += out.numel() * out.element_size()
+    def gather_piece(self, rows: torch.Tensor | None, piece: Piece, like: torch.Tensor) -> torch.Tensor:
+        out = self.inner.gather_piece(rows, piece, like)
+        self.gathers += piece.first
+        self.pieces += 1
+        self.sequence_bytes += out.nbytes
         return out
+
+    def reduce_piece(self, partials: torch.Tensor, piece: Piece, out: torch.Tensor | None) -> None:
+        self.inner.reduce_piece(partials, piece, out)
+        self.scatters += piece.first
+        self.pieces += 1
+        self.sequence_bytes += partials[0].nbytes
 
     def snapshot(self) -> dict[str, int]:
         """Every count so far, by name (COUNTS)."""
-        values = (self.calls, self.bytes, self.scatters, self.gathers, self.sequence_bytes, self.sends, self.sent_bytes)
+        sequence = (self.scatters, self.gathers, self.sequence_bytes, self.received_bytes)
+        values = (self.calls, self.bytes, *sequence, self.sends, self.sent_bytes)
         return dict(zip(COUNTS, values, strict=True))
 
     @property
@@ -90,6 +109,7 @@ class CountingCollectives(Collectives):
 
     def reset(self) -> None:
         self.calls, self.bytes, self.sends, self.sent_bytes = 0, 0, 0, 0
-        self.scatters, self.gathers, self.sequence_bytes = 0, 0, 0
+        self.scatters, self.gathers, self.pieces, self.sequence_bytes = 0, 0, 0, 0
+        self._received_before = self.inner.received_bytes
         self.at_sends.clear()
         self.sync_seconds.clear()

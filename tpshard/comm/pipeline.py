@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from tpshard.comm.collectives import Collectives
+from tpshard.comm.collectives import Collectives, Piece
 from tpshard.comm.process_group import complete
 from tpshard.parallel.grid import ParallelDims
 
@@ -52,17 +52,21 @@ class PipelineCollectives(Collectives):
     def seconds(self) -> float:  # type: ignore[override]
         return self.tp.seconds + self.p2p_seconds
 
+    @property
+    def received_bytes(self) -> int:  # type: ignore[override]
+        return self.tp.received_bytes
+
     def reduce_partials(self, partials: torch.Tensor) -> torch.Tensor:
         return self.tp.reduce_partials(partials)
 
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
         return self.tp.gather_logits(local)
 
-    def reduce_scatter_sequence(self, partials: torch.Tensor) -> torch.Tensor:
-        return self.tp.reduce_scatter_sequence(partials)
+    def gather_piece(self, rows: torch.Tensor | None, piece: Piece, like: torch.Tensor) -> torch.Tensor:
+        return self.tp.gather_piece(rows, piece, like)
 
-    def all_gather_sequence(self, local: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather_sequence(local)
+    def reduce_piece(self, partials: torch.Tensor, piece: Piece, out: torch.Tensor | None) -> None:
+        self.tp.reduce_piece(partials, piece, out)
 
     def broadcast_token(self, token: torch.Tensor) -> torch.Tensor:
         self._wait(lambda: dist.broadcast(token, src=self.picker, group=self.group, async_op=True))

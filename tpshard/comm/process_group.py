@@ -18,7 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from tpshard.comm.collectives import Collectives, rank_order_sum
+from tpshard.comm.collectives import Collectives, Piece, rank_order_sum
 from tpshard.errors import TpshardError, first_line
 
 # One collective during generation, where every rank does the same work: a peer silent this long is
@@ -41,7 +41,9 @@ class ProcessGroupCollectives(Collectives):
         """group: the tensor-parallel ranks, with STEP_TIMEOUT. poll: wait by polling (CPU, when every
         rank has a core of its own)."""
         self.group, self.rank, self.world_size, self.device, self.poll = group, rank, world_size, device, poll
-        self.seconds = 0.0
+        self.seconds, self.received_bytes = 0.0, 0
+        # global ranks, by group rank: what broadcast's src and gather's dst name (torch < 2.6 has no group_src)
+        self.members = dist.get_process_group_ranks(group)
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's x, stacked in rank order: [world_size, *x.shape], the same on every rank."""
@@ -55,20 +57,24 @@ class ProcessGroupCollectives(Collectives):
     def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
         return torch.cat(self.all_gather(local).unbind(0), dim=-1)
 
-    def reduce_scatter_sequence(self, partials: torch.Tensor) -> torch.Tensor:
-        """An all-to-all of the chunks (rank q sends its chunk r to rank r), then a sum in rank order:
-        the rows reduce_partials gives, bit for bit (a reduce_scatter sums in its algorithm's order)."""
-        mine = rank_order_sum(partials)  # [B, N*c, C]
-        B, S, C = mine.shape
-        N = self.world_size
-        send = mine.view(B, N, S // N, C).transpose(0, 1).contiguous()  # [N, B, c, C]: chunk r, for rank r
-        received = torch.empty_like(send)  # [N, B, c, C]: every rank's partial of this rank's chunk
-        self._wait(lambda: dist.all_to_all_single(received, send, group=self.group, async_op=True))
-        return rank_order_sum(received)
+    def gather_piece(self, rows: torch.Tensor | None, piece: Piece, like: torch.Tensor) -> torch.Tensor:
+        """A broadcast from the piece's owner."""
+        mine = piece.owner == self.rank
+        buf = rows.contiguous() if mine else like.new_empty((like.size(0), piece.rows, *like.shape[2:]))
+        self._wait(lambda: dist.broadcast(buf, src=self.members[piece.owner], group=self.group, async_op=True))
+        self.received_bytes += 0 if mine else buf.nbytes
+        return buf
 
-    def all_gather_sequence(self, local: torch.Tensor) -> torch.Tensor:
-        B, c, C = local.shape
-        return self.all_gather(local).transpose(0, 1).reshape(B, self.world_size * c, C)  # [N, B, c, C] -> [B, N*c, C]
+    def reduce_piece(self, partials: torch.Tensor, piece: Piece, out: torch.Tensor | None) -> None:
+        """A gather of every rank's partial to the owner, which sums them in rank order: the values
+        reduce_partials gives, bit for bit (a reduce sums in its algorithm's order)."""
+        mine = rank_order_sum(partials).contiguous()
+        parts = mine.new_empty((self.world_size, *mine.shape)) if out is not None else None
+        listed = list(parts.unbind(0)) if parts is not None else None
+        self._wait(lambda: dist.gather(mine, listed, dst=self.members[piece.owner], group=self.group, async_op=True))
+        if parts is not None:
+            rank_order_sum(parts, out=out)
+            self.received_bytes += (self.world_size - 1) * mine.nbytes
 
     def broadcast_token(self, token: torch.Tensor) -> torch.Tensor:
         self._wait(lambda: dist.broadcast(token, src=0, group=self.group, async_op=True))

@@ -49,9 +49,9 @@ keep the segment at 2 N S bytes, 4 MiB for two ranks). With S = 1 MiB a 25 MB pr
                       [N, n] view of the N slots: the same operation, in the same order, as
                       ProcessGroupCollectives (all-gather, then rank_order_sum), bit-identical on every rank
     gather_logits     the N slots copied into their columns of [B, T, N * S_vocab], in rank order
-    reduce_scatter_sequence   each rank's slot holds its partial of a piece of every rank's chunk;
-                      rank r sums row r of the N slots, in rank order (as reduce_partials)
-    all_gather_sequence       like gather_logits: the N slots copied into their chunks of the sequence
+    gather_piece      the owner writes the piece, every other rank reads slot (owner, b)
+    reduce_piece      every rank writes its partial, the owner sums the N slots in rank order (as
+                      reduce_partials); the others go on at once
     broadcast_token   rank 0 writes, every other rank reads slot (0, b); every rank still publishes
                       seq, which is what step 1 of rank 0's next round waits for
 
@@ -100,7 +100,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tpshard.comm.collectives import Collectives, rank_order_sum
+from tpshard.comm.collectives import Collectives, Piece, rank_order_sum
 from tpshard.comm.process_group import STEP_TIMEOUT, LostPeer, lost_peer
 from tpshard.errors import TpshardError
 
@@ -167,7 +167,7 @@ class SharedMemoryCollectives(Collectives):
         ranks (None: the whole world), which name them in errors. Every rank of setup calls this
         together; it raises ShmUnavailable on every rank, or on none."""
         super().__init__()
-        self.rank, self.world_size, self.seconds = rank, world_size, 0.0
+        self.rank, self.world_size, self.seconds, self.received_bytes = rank, world_size, 0.0, 0
         self.names = [f"rank {g}" for g in (group_ranks if group_ranks is not None else range(world_size))]
         self.timeout = timeout.total_seconds()
         self.slot_bytes = max(64, slot_bytes // 64 * 64)  # every dtype's elements aligned in every slot
@@ -223,44 +223,48 @@ class SharedMemoryCollectives(Collectives):
         self.seconds += time.perf_counter() - begin
         return out.view(*lead, self.world_size * cols)
 
-    def reduce_scatter_sequence(self, partials: torch.Tensor) -> torch.Tensor:
-        """Each round, every rank writes its partial of a piece of every rank's chunk, [N, n] (row r for
-        rank r), and sums row `rank` of the N slots, in rank order as reduce_partials does."""
+    def gather_piece(self, rows: torch.Tensor | None, piece: Piece, like: torch.Tensor) -> torch.Tensor:
+        """Rounds in which the owner writes a slot of the piece and every other rank copies it."""
         begin = time.perf_counter()
-        N, dtype, item = self.world_size, partials.dtype, partials.element_size()
-        mine = rank_order_sum(partials)  # [B, N*c, C]
-        B, S, C = mine.shape
-        by_rank = mine.view(B, N, S // N, C).transpose(0, 1).reshape(N, -1)  # [N, B*c*C]: row r is rank r's chunk
-        out = mine.new_empty(B, S // N, C)
-        flat = out.view(-1)
-        per = self.slot_bytes // item // N
+        mine, dtype, item = piece.owner == self.rank, like.dtype, like.element_size()
+        out = rows if mine else like.new_empty((like.size(0), piece.rows, *like.shape[2:]))
+        assert out is not None, "the owner gives its rows"
+        flat = out.reshape(-1)  # the owner's rows may be a strided view: read through a copy, never written
+        per = self.slot_bytes // item
         for a in range(0, flat.numel(), per):
             n = min(per, flat.numel() - a)
             s = self._start_round()
-            self._slot(self.rank, s, dtype, (N, n)).copy_(by_rank[:, a : a + n])
-            self._publish(s, N * n * item)
-            self._wait_for(self._everyone, s, N * n * item)
-            rank_order_sum(self._slots(s, dtype, (N, n))[:, self.rank], out=flat[a : a + n])
+            if mine:
+                self._slot(self.rank, s, dtype, (n,)).copy_(flat[a : a + n])
+            self._publish(s, n * item if mine else 0)
+            if not mine:
+                self._wait_for([piece.owner], s, n * item)
+                flat[a : a + n].copy_(self._slot(piece.owner, s, dtype, (n,)))
+        self.received_bytes += 0 if mine else out.nbytes
         self.seconds += time.perf_counter() - begin
         return out
 
-    def all_gather_sequence(self, local: torch.Tensor) -> torch.Tensor:
+    def reduce_piece(self, partials: torch.Tensor, piece: Piece, out: torch.Tensor | None) -> None:
+        """Rounds in which every rank writes a slot of its partial and the owner sums the N slots in
+        rank order, as reduce_partials does."""
         begin = time.perf_counter()
-        N, dtype, item = self.world_size, local.dtype, local.element_size()
-        B, c, C = local.shape
-        mine = local.reshape(-1)
-        out = local.new_empty(N, B, c, C)
-        rows = out.view(N, -1)
+        dtype, item = partials.dtype, partials.element_size()
+        mine = rank_order_sum(partials).reshape(-1)
+        total = None if out is None else out if out.is_contiguous() else torch.empty_like(out)
         per = self.slot_bytes // item
         for a in range(0, mine.numel(), per):
             n = min(per, mine.numel() - a)
             s = self._start_round()
             self._slot(self.rank, s, dtype, (n,)).copy_(mine[a : a + n])
             self._publish(s, n * item)
-            self._wait_for(self._everyone, s, n * item)
-            rows[:, a : a + n].copy_(self._slots(s, dtype, (n,)))
+            if total is not None:
+                self._wait_for(self._everyone, s, n * item)
+                rank_order_sum(self._slots(s, dtype, (n,)), out=total.view(-1)[a : a + n])
+        if out is not None:
+            if total is not out:
+                out.copy_(total)
+            self.received_bytes += (self.world_size - 1) * mine.numel() * item
         self.seconds += time.perf_counter() - begin
-        return out.transpose(0, 1).reshape(B, N * c, C)  # [N, B, c, C] -> [B, N*c, C]
 
     def broadcast_token(self, token: torch.Tensor) -> torch.Tensor:
         """In place, as torch.distributed's broadcast: rank 0's token (any shape, at most a slot)."""

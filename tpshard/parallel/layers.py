@@ -107,25 +107,23 @@ class RowParallelLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.local_ranks = local_ranks
 
-    def forward(  # type: ignore[override]
-        self, x: torch.Tensor, comm: Collectives, seq: SequenceSplit | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, comm: Collectives) -> torch.Tensor:  # type: ignore[override]
+        """x [B, T, R, k] -> [B, T, C]: the reduced output, whole on every rank."""
+        return self.add_bias(comm.reduce_partials(self.partials(x)))
+
+    def partials(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, R, k] holds each local rank's input slice; weight [C, R*k] their row slices.
-        Sequence-parallel (seq), the sum is reduce-scattered: [B, R*c, C], the local ranks' chunks."""
+        Returns every local rank's partial sum of the output, [R, B, T, C]."""
         B, T, R, k = x.shape
         if R == 1:  # one rank: a plain matmul
-            partials = linear(x.view(B, T, k), self.weight).unsqueeze(0)  # [1, B, T, C]
-        else:  # rank r: x[..., r, :] times its rows of weight.T, [k, C] each; one product per rank (threads)
-            per_rank = self.weight.t().view(R, k, -1)  # [R, k, C], in either layout (a view)
-            partials = torch.bmm(x.reshape(B * T, R, k).transpose(0, 1), per_rank).view(R, B, T, -1)
-        out = reduce(partials, comm, seq)  # a tensor of its own: the bias is added in place, once
+            return linear(x.view(B, T, k), self.weight).unsqueeze(0)  # [1, B, T, C]
+        # rank r: x[..., r, :] times its rows of weight.T, [k, C] each; one product per rank (threads)
+        per_rank = self.weight.t().view(R, k, -1)  # [R, k, C], in either layout (a view)
+        return torch.bmm(x.reshape(B * T, R, k).transpose(0, 1), per_rank).view(R, B, T, -1)
+
+    def add_bias(self, out: torch.Tensor) -> torch.Tensor:
+        """out: the sum of the partials, a tensor of its own: the bias is added in place, once."""
         return out if self.bias is None else out.add_(self.bias)
-
-
-def reduce(partials: torch.Tensor, comm: Collectives, seq: SequenceSplit | None) -> torch.Tensor:
-    """The sum of every rank's partials [R, B, T, C]: whole on every rank (a tensor-parallel sync
-    point), or, sequence-parallel, each rank's chunk of it."""
-    return comm.reduce_partials(partials) if seq is None else seq.reduce_scatter(partials, comm)
 
 
 def parallel_linear(module: str, in_features: int, out_features: int, *, bias: bool, local_ranks: int) -> nn.Linear:
@@ -152,13 +150,20 @@ def vocab_parallel_embed(
 ) -> torch.Tensor:
     """Megatron's VocabParallelEmbedding: each local rank looks up the tokens of its `rows`-row
     vocabulary slice (table holds the local slices side by side), the others contribute zeros, and
-    the partial embeddings are reduced like a row-parallel layer's outputs."""
-    first = torch.tensor(ranks, device=idx.device)[:, None, None] * rows  # (R, 1, 1)
-    local = idx[None] - first  # (R, B, T) ids within each rank's slice
-    inside = (local >= 0) & (local < rows)
-    at = local.clamp(0, rows - 1) + torch.arange(len(ranks), device=idx.device)[:, None, None] * rows
-    partials = table(at) * inside[..., None]  # (R, B, T, C)
-    return reduce(partials, comm, seq)
+    the partial embeddings are reduced like a row-parallel layer's outputs (sequence-parallel,
+    reduce-scattered, a piece of the sequence at a time)."""
+
+    def partials(idx: torch.Tensor) -> torch.Tensor:  # (B, T) -> (R, B, T, C)
+        first = torch.tensor(ranks, device=idx.device)[:, None, None] * rows  # (R, 1, 1)
+        local = idx[None] - first  # (R, B, T) ids within each rank's slice
+        inside = (local >= 0) & (local < rows)
+        at = local.clamp(0, rows - 1) + torch.arange(len(ranks), device=idx.device)[:, None, None] * rows
+        return table(at) * inside[..., None]
+
+    if seq is None:
+        return comm.reduce_partials(partials(idx))
+    like = table.weight[None].expand(idx.size(0), -1, -1)  # [B, rows, C]: the batch, width and dtype (a view)
+    return seq.reduce_scatter(lambda piece: partials(idx[:, piece.start : piece.start + piece.rows]), like, comm)
 
 
 class VocabParallelHead(nn.Module):

@@ -16,7 +16,9 @@ embeddings, and the vocab-sliced logits are gathered.
 
 Sequence-parallel (parallel/sequence.py), a forward of more than one token replaces each reduction
 by a reduce-scatter, and all-gathers each block's input to attention and to the MLP, and, on the last
-stage, the output layer's: per block 2 of each, each moving (N-1)/N of the activations per rank.
+stage, the output layer's (of the last position only, when only its logits are wanted): per block 2
+of each, each spanning the [B, T, C] activations (carried in pieces) of which each rank receives
+(N-1)/N.
 
 Pipeline stages (grid.Stages) each hold their blocks; stage 0 also wte and wpe, the last stage ln_f
 and, when there is more than one stage, its own copy of the tied embedding as lm_head.weight (as

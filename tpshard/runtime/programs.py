@@ -55,6 +55,7 @@ class RankUsage:
     p2p_seconds: float = 0.0
     scatters: int = 0  # sequence-parallel reduce-scatters and all-gathers in its stage's group
     gathers: int = 0
+    received_bytes: int = 0  # of their pieces, from the other ranks
 
 
 class GenerationSink(Protocol):
@@ -128,7 +129,7 @@ def generate_on_rank(group: Group, shards: ShardSet, request: Request, sink: Gen
     stats = generate_samples(model, request, label, sink)
     if request.show_stats:  # every rank takes part in the gather
         shard, s = shards.manifest.files[group.rank]["bytes"], stats
-        counts = (s.sync_points, s.sends, s.p2p_seconds, s.scatters, s.gathers)
+        counts = (s.sync_points, s.sends, s.p2p_seconds, s.scatters, s.gathers, s.received_bytes)
         mine = RankUsage(peak_rss_bytes(), shard, s.comm_seconds, group.stage, *counts)
         ranks = group.gather_to_rank0(mine)
         if group.rank == 0:
@@ -168,7 +169,9 @@ class Trace:
     tokens: torch.Tensor  # [B, K] greedy continuation of the context, through the KV cache
     top2: torch.Tensor  # [B, K, 2] the two largest logits each greedy token was picked from
     # per forward, what comm counted (comm/counting.py's COUNTS, summed over the stages; per
-    # tensor-parallel rank), and its input's batch and length
+    # tensor-parallel rank, but received_bytes: summed over a stage's ranks), its input's batch and length,
+    # whether it ran the sequence-parallel schedule (1) or the tensor-parallel one (0), and whether it
+    # gave the logits of the last position only (1)
     forwards: list[dict[str, int]]
     # the full forward's (reductions, reduce-scatters, all-gathers), stage by stage
     stage_collectives: list[tuple[int, int, int]] = field(default_factory=list)
@@ -182,12 +185,15 @@ def trace(model: GPT, idx: torch.Tensor, context: int, new_tokens: int) -> Trace
     forwards: list[dict[str, int]] = []
     counter = model.comm if isinstance(model.comm, CountingCollectives) else CountingCollectives(model.comm)
 
-    def after(_module: GPT, args: tuple, _output: torch.Tensor) -> None:
+    def after(_module: GPT, args: tuple, kwargs: dict, _output: torch.Tensor) -> None:
         begin, now = forwards[-1], counter.snapshot()
-        forwards[-1] = {k: now[k] - begin[k] for k in COUNTS} | {"batch": args[0].size(0), "length": args[0].size(1)}
+        B, T = args[0].shape
+        chunked, last_only = int(model.sequence_split(T) is not None), int(kwargs.get("last_only", False))
+        shape = {"batch": B, "length": T, "sequence_parallel": chunked, "last_only": last_only}
+        forwards[-1] = {k: now[k] - begin[k] for k in COUNTS} | shape
 
     before = model.register_forward_pre_hook(lambda *_: forwards.append(counter.snapshot()))
-    hooks = [before, model.register_forward_hook(after)]
+    hooks = [before, model.register_forward_hook(after, with_kwargs=True)]
     try:
         hidden: list[torch.Tensor] = []
         start, sends = counter.collectives, len(counter.at_sends)
@@ -261,7 +267,7 @@ def traces_on_rank(
     model = distributed_model(shards, group, checksum=False, sequence_parallel=sequence_parallel)
     traces = [trace(model, idx, ctx, new_tokens) for idx, ctx in zip(batches, contexts, strict=True)]
     grid = group.grid
-    chunked = [model.sequence_split(idx.size(1)) is not None and grid.tp > 1 for idx in batches]
+    chunked = [bool(t.forwards[0]["sequence_parallel"]) for t in traces]
     if grid.pp > 1 or any(chunked):
         gathered = group.gather_to_rank0(traces if any(chunked) or group.tp_rank == 0 else None)
         if gathered is None:
@@ -279,9 +285,14 @@ def _stage_trace(ranks: list[list[Trace]], batch: int, chunked: bool) -> Trace:
 
 def join_chunks(ranks: list[Trace]) -> Trace:
     """One trace from a stage's tensor-parallel ranks' sequence-parallel ones: each hidden state's
-    chunks put together in rank order (the rest is the same on every rank: tp rank 0's)."""
+    chunks put together in rank order, the bytes each rank received summed (the rest is the same on
+    every rank: tp rank 0's)."""
     hidden = [torch.cat(chunks, dim=1) for chunks in zip(*(t.hidden for t in ranks), strict=True)]
-    return replace(ranks[0], hidden=hidden)
+    forwards = [
+        f | {"received_bytes": sum(g["received_bytes"] for g in per_rank)}
+        for f, per_rank in zip(ranks[0].forwards, zip(*(t.forwards for t in ranks), strict=True), strict=True)
+    ]
+    return replace(ranks[0], hidden=hidden, forwards=forwards)
 
 
 def _join_stages(stages: list[Trace]) -> Trace:
@@ -293,7 +304,8 @@ def _join_stages(stages: list[Trace]) -> Trace:
     forwards = []
     for i, per_stage in enumerate(zip(*(s.forwards for s in stages), strict=True)):
         summed = {k: sum(f[k] for f in per_stage) for k in COUNTS}
-        forwards.append(summed | {"batch": last.forwards[i]["batch"], "length": last.forwards[i]["length"]})
+        shape = ("batch", "length", "sequence_parallel", "last_only")
+        forwards.append(summed | {k: last.forwards[i][k] for k in shape})
     hidden = [h for s in stages for h in s.hidden]
     per_stage_counts = [n for s in stages for n in s.stage_collectives]
     return Trace(hidden, last.logits, last.tokens, last.top2, forwards, per_stage_counts)

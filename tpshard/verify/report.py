@@ -154,10 +154,12 @@ class Communication:
     scatters_measured: list[int] = field(default_factory=list)  # the distinct counts seen per forward
     gathers_theory: int | None = None  # all-gathers per forward
     gathers_measured: list[int] = field(default_factory=list)
-    sequence_bytes_theory: int | None = None  # moved per rank by them, over every such forward
+    sequence_bytes_theory: int | None = None  # of the activations they span, over every such forward
     sequence_bytes_measured: int | None = None
-    # with pipeline stages: (reductions, reduce-scatters, all-gathers) per stage in a full forward, and the
-    # hand-overs
+    received_bytes_theory: int | None = None  # distributed: what the ranks received in them, summed over the ranks
+    received_bytes_measured: int | None = None
+    # with pipeline stages: (reductions, reduce-scatters, all-gathers) per stage in the first batch's full
+    # forward (every batch's is checked), and the hand-overs
     stage_collectives_theory: list[tuple[int, int, int]] = field(default_factory=list)
     stage_collectives_measured: list[tuple[int, int, int]] = field(default_factory=list)
     sends_theory: int | None = None  # per forward, per tensor-parallel rank

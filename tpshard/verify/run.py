@@ -13,6 +13,7 @@ from tpshard.files.paths import Kind, kind_of, load_checkpoint
 from tpshard.files.shardset import MANIFEST, ShardSet
 from tpshard.files.tensorfile import DTYPE_NAMES
 from tpshard.generation import check_seed
+from tpshard.parallel import sequence
 from tpshard.runtime import streamed
 from tpshard.runtime.programs import sharded_traces, trace
 from tpshard.verify.communication import count_communication
@@ -94,6 +95,8 @@ def verify_shards(
     compared.pp_size, compared.stage_layers = m.grid.pp, list(m.stage_plan.layers)
     compared.model_args = asdict(m.config)
     batches, compared.inputs = _inputs(shards, prompts, random_tokens, batch, new_tokens, seed, tokenizer)
+    if sequence_parallel:
+        sequence.check_tp(m.tp_size)
     if sequence_parallel and all(idx.size(1) == 1 for idx in batches):
         raise TpshardError(
             "--sequence-parallel: every input is one token long, so no forward would cut the sequence; "
