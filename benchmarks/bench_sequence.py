@@ -18,7 +18,8 @@ Three schedules, alternating in every repetition (the machine is shared: ratios 
 For each, each rank measures
 
     prefill      the wall time of the prompt's forward(s) through the KV cache (what generate's first
-                 token waits for), on rank 0; median over --reps
+                 token waits for), on rank 0; median over --reps, and the median of each repetition's
+                 ratio to tensor-parallel's (the schedules run back to back in a repetition)
     activations  the peak of the bytes torch allocates during it (the weights and the KV cache were
                  allocated before it), from torch.profiler's allocation events (every allocation and
                  free, with its time): one profiled prefill per schedule and rank
@@ -139,14 +140,16 @@ def main() -> None:
     pieces = f"pieces of at most {args.piece_rows} positions"
     print(f"prefill of {settings['prompt']} tokens, tp {TP}, {shape}, fp32, collectives: {result['comm']}, {pieces}")
     print(f"{'schedule':<20} {'prefill ms':>11} {'ratio':>7} {'peak activations per rank':>34} {'ratio':>7}")
-    base_time = result["prefill"]["tensor-parallel"]
+    base_times = result["times"]["tensor-parallel"]
     base_peak = max(p["tensor-parallel"] for p in result["peaks"])
     for name in SCHEDULES:
         ms = 1e3 * result["prefill"][name]
+        # each repetition runs the schedules back to back: the median of its ratios holds under a drifting load
+        pace = statistics.median(t / base for t, base in zip(result["times"][name], base_times, strict=True))
         peaks = [p[name] for p in result["peaks"]]
         per_rank = " / ".join(f"{p / 2**20:.1f}" for p in peaks) + " MiB"
         ratio = max(peaks) / base_peak
-        print(f"{name:<20} {ms:>11.1f} {ms / 1e3 / base_time:>6.2f}x {per_rank:>34} {ratio:>6.2f}x")
+        print(f"{name:<20} {ms:>11.1f} {pace:>6.2f}x {per_rank:>34} {ratio:>6.2f}x")
     print(f"(tp, chunked prefill: a reference, {args.piece_rows} positions per forward through the KV cache)")
     spread = {name: [round(1e3 * t, 1) for t in ts] for name, ts in result["times"].items()}
     print(f"prefill ms per repetition: {spread}")

@@ -15,8 +15,9 @@ others, and the tied lm_head gives each rank the logits of its slice, which are 
 
 With sequence_parallel, a forward of more than one token keeps the residual stream cut along the
 sequence between the sync points (parallel/sequence.py): each reduction becomes a reduce-scatter and
-each block's input to attention and to the MLP an all-gather. A one-token decode step runs the
-tensor-parallel schedule.
+each block's input to attention and to the MLP an all-gather, and each half of a block runs a piece of
+the sequence at a time (the layers' `partials` and `heads`/`units`, through SequenceSplit.region). A
+one-token decode step runs the tensor-parallel schedule.
 
 All communication goes through `comm` (tpshard.comm): the model never knows which runtime it is in.
 """

@@ -389,7 +389,7 @@ def _communication(out: Console, c: "Communication") -> None:
         if c.received_bytes_theory is not None:
             received_ok = c.received_bytes_measured == c.received_bytes_theory
             received = f"{c.received_bytes_theory:,}", f"{c.received_bytes_measured:,}"
-            table.add_row("bytes received by the ranks, (N-1) x spanned", *received, _tick(received_ok))
+            table.add_row("bytes received, summed over the ranks: (N-1) x spanned", *received, _tick(received_ok))
     if c.sends_theory is not None:
         stages_ok = c.stage_collectives_measured == c.stage_collectives_theory
         theory = " + ".join(map(_collectives, c.stage_collectives_theory))

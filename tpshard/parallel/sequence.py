@@ -16,16 +16,17 @@ rank holds 1/N of the residual stream.
 
 A region between an all-gather and a reduce-scatter runs one piece at a time (`region`): a block of
 at most PIECE_ROWS consecutive positions inside one rank's chunk, in the order of the sequence. Its
-owner broadcasts the piece's rows, every rank computes its heads' or units' partial sums for those
-positions, and they are reduced onto the owner's rows of the region's output (comm's gather_piece,
-reduce_piece). So no rank ever holds the whole sequence's activations, only its chunk of the residual
-stream and one piece's working set: the hidden units of PIECE_ROWS positions, not of all of them.
+owner normalizes the piece's rows and broadcasts them, every rank computes its heads' or units'
+partial sums for those positions, and they are reduced onto the owner (comm's gather_piece,
+reduce_piece), which adds them to its rows of the residual stream. So no rank ever holds the whole
+sequence's activations, only its chunk of the residual stream and one piece's working set: the
+hidden units of PIECE_ROWS positions, not of all of them.
 Attention can go piece by piece because it is causal: a piece's queries see the keys of the positions
 before it, which the earlier pieces have put in the KV cache.
 
-A length N does not divide is padded at the end to N*c positions: the padding rows are zeros, pass
-through the LayerNorms and the residual adds (row by row, never mixed with a real row) and belong to
-no piece, so attention, the KV cache and the logits see the real positions only.
+A length N does not divide is padded at the end to N*c positions: the padding rows are zeros and
+belong to no piece, so the blocks leave them as they are, and attention, the KV cache and the logits
+see the real positions only.
 
 A forward of one token (a decode step) has nothing to cut: it runs the tensor-parallel schedule
 (model.py chooses, forward by forward).
@@ -41,8 +42,9 @@ from tpshard.comm.collectives import Collectives, Piece
 from tpshard.errors import TpshardError
 
 # Positions per piece. The working set of a piece grows with it (the MLP's hidden units: PIECE_ROWS x
-# 4C/N values), the number of collectives shrinks (two per piece and region): 256 keeps GPT-2 124M's
-# largest piece activation at 1.5 MiB per rank at tp 2, and a 1024-token prefill at 4 pieces per region.
+# 4C/N values), the number of collectives shrinks (two per piece and region): at 256, GPT-2 124M's
+# hidden units of a piece are 256 x 1536 fp32 = 1.5 MiB per rank at tp 2, and a 1024-token prefill
+# takes 4 pieces per region (benchmarks/bench_sequence.py --piece-rows measures the trade-off).
 PIECE_ROWS = 256
 
 
