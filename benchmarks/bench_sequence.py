@@ -11,9 +11,11 @@ Three schedules, alternating in every repetition (the machine is shared: ratios 
     tensor-parallel        the prompt's forward, the whole sequence at once (generate's prefill)
     sequence-parallel      the same with --sequence-parallel: each region a piece at a time
     tensor-parallel,       a reference, not a tpshard option: the prompt fed to the tensor-parallel
-      chunked prefill      schedule --piece-rows positions per forward through the KV cache, which
-                           bounds any schedule's activations by the chunk (and pays 2 all-reduces
-                           per block per chunk): what of the saving the pieces alone give
+      chunked prefill      schedule as many positions per forward as sequence parallelism's pieces
+                           hold (--piece-rows, or the transport's, at most a rank's chunk) through
+                           the KV cache, which bounds any schedule's activations by the chunk (and
+                           pays 2 all-reduces per block per chunk): what of the saving the pieces
+                           alone give
 
 For each, each rank measures
 
@@ -43,7 +45,6 @@ from torch.profiler import ProfilerActivity, profile
 from tpshard.convert import split_checkpoint
 from tpshard.files.shardset import ShardSet
 from tpshard.model import GPT, KVCache
-from tpshard.parallel import sequence
 from tpshard.runtime import launch
 from tpshard.runtime.models import distributed_model
 
@@ -89,7 +90,9 @@ def peak_allocated(model: GPT, prompt: torch.Tensor, chunk: int | None) -> int:
 
 
 def rank_main(group: launch.Group, shards: ShardSet, settings: dict, out: str) -> None:
-    sequence.PIECE_ROWS = settings["piece_rows"]
+    group.comm.piece_rows = settings["piece_rows"] or group.comm.piece_rows  # given, or the transport's own
+    # the positions of the sequence-parallel forward's pieces: the chunked prefill's, like for like
+    pieces = {"piece_rows": min(group.comm.piece_rows, -(-settings["prompt"] // TP))}
     model = distributed_model(shards, group)
     config = shards.manifest.config
     prompt = torch.randint(config.vocab_size, (1, settings["prompt"]), generator=torch.Generator().manual_seed(0))
@@ -97,13 +100,13 @@ def rank_main(group: launch.Group, shards: ShardSet, settings: dict, out: str) -
     peaks = {}
     cache = KVCache(model, 1, capacity=prompt.size(1))
     for name, (on, chunk) in SCHEDULES.items():
-        model.sequence_parallel, rows = on, settings.get(chunk)
+        model.sequence_parallel, rows = on, pieces.get(chunk)
         prefill(model, prompt, cache, rows)  # warm-up
         cache.length = 0
         peaks[name] = peak_allocated(model, prompt, rows)
     for _ in range(settings["reps"]):
         for name, (on, chunk) in SCHEDULES.items():
-            model.sequence_parallel, rows = on, settings.get(chunk)
+            model.sequence_parallel, rows = on, pieces.get(chunk)
             cache.length = 0
             group.barrier()  # both ranks start together: the time is the prefill's, not a wait for the other
             begin = time.perf_counter()
@@ -112,7 +115,7 @@ def rank_main(group: launch.Group, shards: ShardSet, settings: dict, out: str) -
     gathered = group.gather_to_rank0(peaks)
     if group.rank == 0:
         medians = {name: statistics.median(t) for name, t in times.items()}
-        result = {"peaks": gathered, "prefill": medians, "times": times, "comm": group.comm_name}
+        result = {"peaks": gathered, "prefill": medians, "times": times, "comm": group.comm_name} | pieces
         Path(out).write_text(json.dumps(result))
 
 
@@ -122,7 +125,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="prefills timed per schedule (median reported)")
     parser.add_argument("--prompt", type=int, help="prompt tokens [default: 1024, quick: 128]")
     parser.add_argument("--comm", default="auto", choices=["auto", "shm", "gloo"])
-    parser.add_argument("--piece-rows", type=int, default=sequence.PIECE_ROWS, help="positions per piece [%(default)s]")
+    parser.add_argument("--piece-rows", type=int, help="positions per piece [default: the transport's]")
     args = parser.parse_args()
     settings = dict(QUICK if args.quick else FULL)
     settings["prompt"] = args.prompt or (128 if args.quick else 1024)
@@ -137,7 +140,7 @@ def main() -> None:
         launch.run(rank_main, (shards, settings, str(out)), nproc=TP, device="cpu", comm=args.comm)
         result = json.loads(out.read_text())
     shape = f"{config.n_layer} layers, n_embd {config.n_embd}, vocab {config.vocab_size}"
-    pieces = f"pieces of at most {args.piece_rows} positions"
+    pieces = f"pieces of at most {result['piece_rows']} positions"
     print(f"prefill of {settings['prompt']} tokens, tp {TP}, {shape}, fp32, collectives: {result['comm']}, {pieces}")
     print(f"{'schedule':<20} {'prefill ms':>11} {'ratio':>7} {'peak activations per rank':>34} {'ratio':>7}")
     base_times = result["times"]["tensor-parallel"]
@@ -150,7 +153,7 @@ def main() -> None:
         per_rank = " / ".join(f"{p / 2**20:.1f}" for p in peaks) + " MiB"
         ratio = max(peaks) / base_peak
         print(f"{name:<20} {ms:>11.1f} {pace:>6.2f}x {per_rank:>34} {ratio:>6.2f}x")
-    print(f"(tp, chunked prefill: a reference, {args.piece_rows} positions per forward through the KV cache)")
+    print(f"(tp, chunked prefill: a reference, {result['piece_rows']} positions per forward through the KV cache)")
     spread = {name: [round(1e3 * t, 1) for t in ts] for name, ts in result["times"].items()}
     print(f"prefill ms per repetition: {spread}")
 

@@ -7,8 +7,8 @@ Tolerances: a sequence-parallel forward multiplies a piece of the sequence at a 
 piece's queries under an explicit causal mask, where the tensor-parallel one multiplies the whole
 sequence: the kernels block the sums differently by the number of rows, so the two differ in fp32
 rounding (measured up to 2e-7 on these models' logits, magnitude ~1), as the dense model and nanoGPT
-do from both (sums over ranks reassociate): all held to 1e-5. Pieces are made small here (PIECE_ROWS
-3) as well as left at their default, so that a chunk spans several pieces on these short sequences."""
+do from both (sums over ranks reassociate): all held to 1e-5. Pieces are made small here (3 positions)
+as well as left at their default, so that a chunk spans several pieces on these short sequences."""
 
 import json
 import os
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tpshard.comm.collectives import Collectives, Piece
+from tpshard.comm.collectives import NETWORK_PIECE_ROWS, PIECE_ROWS, Collectives, Piece
 from tpshard.comm.counting import CountingCollectives
 from tpshard.config import GPTConfig
 from tpshard.convert import split_checkpoint
@@ -32,8 +32,8 @@ from tpshard.files.paths import load_checkpoint
 from tpshard.files.shardset import ShardSet
 from tpshard.generation import Runner, Sampling, TokenPicker, generate
 from tpshard.model import GPT
-from tpshard.parallel import plan, sequence
-from tpshard.parallel.sequence import PIECE_ROWS, SequenceSplit
+from tpshard.parallel import plan
+from tpshard.parallel.sequence import SequenceSplit
 from tpshard.runtime.models import dense_model, sharded_model, simulated_model
 from tpshard.runtime.programs import trace
 from tpshard.testing import random_weights
@@ -82,7 +82,7 @@ def split(ckpt: Checkpoint, out: Path, tp: int, pp: int = 1, vocab_parallel: boo
 
 @pytest.fixture(params=[PIECE_ROWS, 3], ids=["default-pieces", "3-row-pieces"])
 def piece_rows(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(sequence, "PIECE_ROWS", request.param)
+    monkeypatch.setattr(Collectives, "piece_rows", request.param)  # in process (and shared memory)
     return request.param
 
 
@@ -104,11 +104,8 @@ def test_each_rank_holds_its_chunk_and_the_chunks_are_the_sequence(length: int, 
 
 
 @pytest.mark.parametrize(("length", "tp", "rows"), [(8, 2, 3), (7, 3, 2), (2, 4, 5), (1000, 2, 256), (9, 2, 9)])
-def test_pieces_cover_the_sequence_in_order_each_inside_one_chunk(
-    length: int, tp: int, rows: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sequence, "PIECE_ROWS", rows)
-    split = SequenceSplit(length, tp, (0,))
+def test_pieces_cover_the_sequence_in_order_each_inside_one_chunk(length: int, tp: int, rows: int) -> None:
+    split = SequenceSplit(length, tp, (0,), rows)
     pieces = split.pieces()
     covered = [p for piece in pieces for p in range(piece.start, piece.start + piece.rows)]
     assert covered == list(range(length))  # every real position once, in order, no padding
@@ -125,6 +122,8 @@ def test_pieces_cover_the_sequence_in_order_each_inside_one_chunk(
 def test_a_process_hosts_consecutive_ranks_of_a_real_sequence(length: int, tp: int, ranks: tuple) -> None:
     with pytest.raises(ValueError, match="consecutive ranks"):
         SequenceSplit(length, tp, ranks)
+    with pytest.raises(ValueError, match="pieces of 0 positions"):
+        SequenceSplit(8, 2, (0,), 0)
 
 
 # --- simulated, on every grid ---------------------------------------------------------------------------
@@ -184,7 +183,7 @@ def test_simulated_is_tensor_parallel_the_dense_model_and_nanogpt(
 @pytest.mark.parametrize("tp", [2, 4])
 def test_no_forward_computes_more_than_a_piece(ckpts: dict, tmp_path: Path, piece_rows: int, tp: int) -> None:
     """Between an all-gather and a reduce-scatter the work goes a piece at a time: the rows every collective
-    carries are pieces of at most PIECE_ROWS positions that add up to the sequence."""
+    carries are pieces of at most piece_rows positions that add up to the sequence."""
     shards = split(ckpts[4], tmp_path / "s", tp)
     log = PieceLog()
     model = sharded_model(shards, list(range(tp)), log, sequence_parallel=True)
@@ -386,7 +385,8 @@ def test_inspect_shows_the_schedule_the_run_counts(ckpts: dict, tmp_path: Path, 
     assert code == 0 and "a forward of more than one token, sequence-parallel at tp 2" in text
     for step in ("ALL-GATHER #1", "REDUCE-SCATTER #2", "on the chunk", "after the last block", "before the first"):
         assert step in text, step
-    assert f"a piece of at most {PIECE_ROWS} positions" in text
+    words = " ".join(text.split())  # rich wraps the table's cells
+    assert f"a piece of at most {PIECE_ROWS} positions" in words and f"{NETWORK_PIECE_ROWS} where gloo" in words
     assert "tensor-parallel schedule" in text  # what decode steps run
     code, out, _ = cli("inspect", tmp_path / "s", "--json")
     assert code == 0 and json.loads(out)["sequence"] is None

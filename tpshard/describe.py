@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from tpshard.comm.collectives import NETWORK_PIECE_ROWS, PIECE_ROWS
 from tpshard.config import GPTConfig
 from tpshard.convert import choose_stages
 from tpshard.errors import TpshardError
@@ -25,7 +26,6 @@ from tpshard.files.shardset import MANIFEST, Manifest, ShardSet, rank_file_ident
 from tpshard.files.tensorfile import DTYPE_NAMES, DTYPES, NAMES_BY_CODE, open_safetensors, sha256_file
 from tpshard.parallel import plan
 from tpshard.parallel.grid import ParallelDims, Stages, check_tp, valid_tp_sizes
-from tpshard.parallel.sequence import PIECE_ROWS
 from tpshard.tokenizer import find_tokenizer
 
 # --- the split plan -------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def block_flow(config: GPTConfig, tp_size: int, itemsize: int, sequence_parallel
     sync_points = plan.block_sync_points()
     per_token = f"{C} values x {itemsize} B per token"
     moved = f"{C} x {itemsize} B per position, (N-1)/N of them received per rank"
-    pieces = f"a piece of at most {PIECE_ROWS} positions at a time"
+    pieces = f"a piece of at most {PIECE_ROWS} positions at a time ({NETWORK_PIECE_ROWS} over gloo, NCCL)"
 
     def linear(module: str) -> list[Step]:
         rule = plan.BLOCK_PLAN[module]
@@ -325,9 +325,10 @@ def sequence_schedule(
         block=block_flow(config, tp, dtype.itemsize, sequence_parallel=True),
         after_blocks=after,
         pieces=f"between an all-gather and its reduce-scatter a rank computes a piece of at most {PIECE_ROWS} "
-        "positions at a time, in order (attention is causal: earlier pieces are in the KV cache): the owner "
-        "of the piece's chunk broadcasts it, every rank computes its heads' or units' partial sums, which are "
-        "reduced onto the owner. No rank holds the whole sequence's activations, only its chunk and one piece",
+        f"positions ({NETWORK_PIECE_ROWS} where gloo or NCCL carries the collectives) at a time, in order "
+        "(attention is causal: earlier pieces are in the KV cache): the owner of the piece's chunk broadcasts it, "
+        "every rank computes its heads' or units' partial sums, which are reduced onto the owner. No rank holds "
+        "the whole sequence's activations, only its chunk and one piece",
         reduce_scatters_per_forward=scatters,
         all_gathers_per_forward=gathers,
         moved_bytes_per_token=(scatters + gathers) * width * (tp - 1) // tp,

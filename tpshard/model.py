@@ -274,7 +274,7 @@ class GPT(nn.Module):
         (not sequence_parallel, or a one-token step: nothing to cut)."""
         if not self.sequence_parallel or T == 1:
             return None
-        return SequenceSplit(T, self.placement.tp_size, self.placement.ranks)
+        return SequenceSplit(T, self.placement.tp_size, self.placement.ranks, self.comm.piece_rows)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -39,6 +39,15 @@ from dataclasses import dataclass
 
 import torch
 
+# Positions per piece of a sequence-parallel collective, for transports whose calls cost microseconds
+# (in process, shared memory). A piece's working set grows with it (the MLP's hidden units: rows x 4C/N
+# values: GPT-2 124M at tp 2, 256 x 1536 fp32 = 1.5 MiB), the number of collectives shrinks (two per
+# piece and region); benchmarks/bench_sequence.py --piece-rows measures the trade-off.
+PIECE_ROWS = 256
+# Where a call costs a millisecond (gloo over the network stack), their count, not their bytes, would set
+# a prefill's time: pieces of up to a rank's whole chunk at the usual lengths (process_group.py).
+NETWORK_PIECE_ROWS = 1024
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -76,6 +85,7 @@ class Collectives:
     world_size = 1  # processes in the run
     seconds = 0.0  # spent in cross-process collectives, waiting for the other ranks included
     received_bytes = 0  # of sequence-parallel pieces that crossed into this process from another
+    piece_rows = PIECE_ROWS  # the most positions in a piece of a sequence-parallel collective
     p2p_seconds = 0.0  # of which in stage hand-overs and the token broadcast across stages
 
     def __init__(self) -> None:

@@ -56,6 +56,10 @@ class CountingCollectives(Collectives):
         return self.inner.p2p_seconds
 
     @property
+    def piece_rows(self) -> int:  # type: ignore[override]
+        return self.inner.piece_rows
+
+    @property
     def received_bytes(self) -> int:  # type: ignore[override]
         """Counted by the implementation that moves them (what crossed from another process), since reset."""
         return self.inner.received_bytes - self._received_before

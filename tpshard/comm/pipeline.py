@@ -56,6 +56,10 @@ class PipelineCollectives(Collectives):
     def received_bytes(self) -> int:  # type: ignore[override]
         return self.tp.received_bytes
 
+    @property
+    def piece_rows(self) -> int:  # type: ignore[override]
+        return self.tp.piece_rows
+
     def reduce_partials(self, partials: torch.Tensor) -> torch.Tensor:
         return self.tp.reduce_partials(partials)
 

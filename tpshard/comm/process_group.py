@@ -18,7 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from tpshard.comm.collectives import Collectives, Piece, rank_order_sum
+from tpshard.comm.collectives import NETWORK_PIECE_ROWS, Collectives, Piece, rank_order_sum
 from tpshard.errors import TpshardError, first_line
 
 # One collective during generation, where every rank does the same work: a peer silent this long is
@@ -37,6 +37,8 @@ def lost_peer(e: Exception) -> LostPeer:
 
 
 class ProcessGroupCollectives(Collectives):
+    piece_rows = NETWORK_PIECE_ROWS
+
     def __init__(self, group: dist.ProcessGroup, rank: int, world_size: int, device: torch.device, poll: bool):
         """group: the tensor-parallel ranks, with STEP_TIMEOUT. poll: wait by polling (CPU, when every
         rank has a core of its own)."""

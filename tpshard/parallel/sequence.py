@@ -15,12 +15,13 @@ The same bytes cross as with an all-reduce (which is a reduce-scatter and an all
 rank holds 1/N of the residual stream.
 
 A region between an all-gather and a reduce-scatter runs one piece at a time (`region`): a block of
-at most PIECE_ROWS consecutive positions inside one rank's chunk, in the order of the sequence. Its
+at most piece_rows consecutive positions inside one rank's chunk, in the order of the sequence (the
+transport says how many: comm's piece_rows, a few hundred where a call costs microseconds). Its
 owner normalizes the piece's rows and broadcasts them, every rank computes its heads' or units'
 partial sums for those positions, and they are reduced onto the owner (comm's gather_piece,
 reduce_piece), which adds them to its rows of the residual stream. So no rank ever holds the whole
 sequence's activations, only its chunk of the residual stream and one piece's working set: the
-hidden units of PIECE_ROWS positions, not of all of them.
+hidden units of piece_rows positions, not of all of them.
 Attention can go piece by piece because it is causal: a piece's queries see the keys of the positions
 before it, which the earlier pieces have put in the KV cache.
 
@@ -38,14 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tpshard.comm.collectives import Collectives, Piece
+from tpshard.comm.collectives import PIECE_ROWS, Collectives, Piece
 from tpshard.errors import TpshardError
-
-# Positions per piece. The working set of a piece grows with it (the MLP's hidden units: PIECE_ROWS x
-# 4C/N values), the number of collectives shrinks (two per piece and region): at 256, GPT-2 124M's
-# hidden units of a piece are 256 x 1536 fp32 = 1.5 MiB per rank at tp 2, and a 1024-token prefill
-# takes 4 pieces per region (benchmarks/bench_sequence.py --piece-rows measures the trade-off).
-PIECE_ROWS = 256
 
 
 def check_tp(tp_size: int) -> None:
@@ -65,10 +60,13 @@ class SequenceSplit:
     length: int  # the real positions, T
     tp_size: int  # N
     ranks: tuple[int, ...]
+    piece_rows: int = PIECE_ROWS  # the most positions in a piece (comm's piece_rows)
 
     def __post_init__(self) -> None:
         first = self.ranks[0] if self.ranks else 0
         consecutive = list(self.ranks) == list(range(first, first + len(self.ranks)))
+        if self.piece_rows < 1:
+            raise ValueError(f"pieces of {self.piece_rows} positions")
         if not (self.ranks and consecutive and first >= 0 and self.ranks[-1] < self.tp_size and self.length > 0):
             raise ValueError(
                 f"ranks {self.ranks} of tp {self.tp_size}, {self.length} positions: a process hosts "
@@ -87,12 +85,12 @@ class SequenceSplit:
 
     def pieces(self) -> list[Piece]:
         """One collective's pieces, in the order of the sequence: each rank's real positions, in blocks
-        of at most PIECE_ROWS."""
+        of at most piece_rows."""
         found: list[Piece] = []
         for owner in range(self.tp_size):
             end = min(self.length, (owner + 1) * self.chunk)
-            for start in range(owner * self.chunk, end, PIECE_ROWS):
-                found.append(Piece(owner, start, min(PIECE_ROWS, end - start), first=not found))
+            for start in range(owner * self.chunk, end, self.piece_rows):
+                found.append(Piece(owner, start, min(self.piece_rows, end - start), first=not found))
         return found
 
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
