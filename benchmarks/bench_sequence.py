@@ -90,10 +90,10 @@ def peak_allocated(model: GPT, prompt: torch.Tensor, chunk: int | None) -> int:
 
 
 def rank_main(group: launch.Group, shards: ShardSet, settings: dict, out: str) -> None:
-    group.comm.piece_rows = settings["piece_rows"] or group.comm.piece_rows  # given, or the transport's own
-    # the positions of the sequence-parallel forward's pieces: the chunked prefill's, like for like
-    pieces = {"piece_rows": min(group.comm.piece_rows, -(-settings["prompt"] // TP))}
     model = distributed_model(shards, group)
+    model.piece_rows = settings["piece_rows"]  # None: the transport's own
+    # the positions of the sequence-parallel forward's pieces: the chunked prefill's, like for like
+    pieces = {"piece_rows": min(model.piece_rows or model.comm.piece_rows, -(-settings["prompt"] // TP))}
     config = shards.manifest.config
     prompt = torch.randint(config.vocab_size, (1, settings["prompt"]), generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {name: [] for name in SCHEDULES}
@@ -119,13 +119,19 @@ def rank_main(group: launch.Group, shards: ShardSet, settings: dict, out: str) -
         Path(out).write_text(json.dumps(result))
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: a whole number of positions, at least 1")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small model instead of GPT-2 124M's shape")
     parser.add_argument("--reps", type=int, default=5, help="prefills timed per schedule (median reported)")
     parser.add_argument("--prompt", type=int, help="prompt tokens [default: 1024, quick: 128]")
     parser.add_argument("--comm", default="auto", choices=["auto", "shm", "gloo"])
-    parser.add_argument("--piece-rows", type=int, help="positions per piece [default: the transport's]")
+    parser.add_argument("--piece-rows", type=positive, help="positions per piece [default: the transport's]")
     args = parser.parse_args()
     settings = dict(QUICK if args.quick else FULL)
     settings["prompt"] = args.prompt or (128 if args.quick else 1024)

@@ -1,14 +1,17 @@
-"""Sequence parallelism (parallel/sequence.py, --sequence-parallel): the positions each rank holds,
-the simulated model on every grid against the tensor-parallel one (bit for bit), the dense model and
-nanoGPT's own code; generation past block_size; the collectives counted against the plan; distributed
-runs through shared memory and gloo; verify and its communication report; bad usage.
+"""Sequence parallelism (parallel/sequence.py, --sequence-parallel): the positions each rank holds and
+the pieces, the simulated model on every grid against the tensor-parallel one, the dense model and
+nanoGPT's own code (after cached tokens too, in half precision too); generation past block_size; the
+collectives counted against the plan; distributed runs through shared memory and gloo, several pieces a
+chunk; verify and its communication report; bad usage.
 
 Tolerances: a sequence-parallel forward multiplies a piece of the sequence at a time, and attends a
 piece's queries under an explicit causal mask, where the tensor-parallel one multiplies the whole
 sequence: the kernels block the sums differently by the number of rows, so the two differ in fp32
 rounding (measured up to 2e-7 on these models' logits, magnitude ~1), as the dense model and nanoGPT
-do from both (sums over ranks reassociate): all held to 1e-5. Pieces are made small here (3 positions)
-as well as left at their default, so that a chunk spans several pieces on these short sequences."""
+do from both (sums over ranks reassociate): all held to 1e-5. In half precision the two differ by a
+unit in the last place of a logit here and there (measured 1 in bfloat16): held to 8 of the largest
+logit's. Pieces are made small here (3 positions) as well as left at their default, so that a chunk
+spans several pieces on these short sequences."""
 
 import json
 import os
@@ -31,10 +34,12 @@ from tpshard.files.checkpoint import Checkpoint, model_args
 from tpshard.files.paths import load_checkpoint
 from tpshard.files.shardset import ShardSet
 from tpshard.generation import Runner, Sampling, TokenPicker, generate
-from tpshard.model import GPT
+from tpshard.model import GPT, KVCache
 from tpshard.parallel import plan
 from tpshard.parallel.sequence import SequenceSplit
-from tpshard.runtime.models import dense_model, sharded_model, simulated_model
+from tpshard.runtime import launch
+from tpshard.runtime.launch import Group
+from tpshard.runtime.models import dense_model, distributed_model, sharded_model, simulated_model
 from tpshard.runtime.programs import trace
 from tpshard.testing import random_weights
 from tpshard.verify.communication import count_communication
@@ -82,7 +87,7 @@ def split(ckpt: Checkpoint, out: Path, tp: int, pp: int = 1, vocab_parallel: boo
 
 @pytest.fixture(params=[PIECE_ROWS, 3], ids=["default-pieces", "3-row-pieces"])
 def piece_rows(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(Collectives, "piece_rows", request.param)  # in process (and shared memory)
+    monkeypatch.setattr(Collectives, "piece_rows", request.param)  # in this process (spawned ranks: rank_pieces)
     return request.param
 
 
@@ -178,6 +183,45 @@ def test_simulated_is_tensor_parallel_the_dense_model_and_nanogpt(
         assert f["sequence_bytes"] == (f["scatters"] + f["gathers"]) * 3 * length * config.n_embd * 4
         assert f["received_bytes"] == 0  # one process: nothing crosses
         assert theirs.forwards[0]["scatters"] == theirs.forwards[0]["gathers"] == 0
+
+
+@pytest.mark.parametrize(("tp", "vocab_parallel"), [(2, False), (4, True)])
+def test_a_forward_after_cached_tokens(
+    ckpts: dict, tmp_path: Path, piece_rows: int, tp: int, vocab_parallel: bool
+) -> None:
+    """A sequence-parallel forward that continues a KV cache (positions from start > 0): the logits of the
+    whole sequence's forward, for those positions."""
+    ckpt = ckpts[4]
+    shards = split(ckpt, tmp_path / "s", tp, vocab_parallel=vocab_parallel)
+    models = simulated_model(shards, sequence_parallel=True), simulated_model(shards), dense_model(ckpt)
+    idx = torch.randint(0, FOUR.vocab_size, (3, FOUR.block_size))
+    with torch.inference_mode():
+        whole = models[2](idx)
+        for model in models:
+            cache = KVCache(model, 3)
+            model(idx[:, :5], cache)
+            torch.testing.assert_close(model(idx[:, 5:], cache), whole[:, 5:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_tensor_parallel_to_a_few_ulps(
+    ckpts: dict, tmp_path: Path, piece_rows: int, dtype: torch.dtype
+) -> None:
+    shards = split(ckpts[4], tmp_path / "s", 2)
+    sequence, tensor = (simulated_model(shards, dtype=dtype, sequence_parallel=on) for on in (True, False))
+    idx = torch.randint(0, FOUR.vocab_size, (3, FOUR.block_size))
+    with torch.inference_mode():
+        ours, theirs = sequence(idx), tensor(idx)
+    assert ours.dtype == dtype
+    ulp = torch.finfo(dtype).eps * theirs.abs().max().item()
+    torch.testing.assert_close(ours, theirs, atol=8 * ulp, rtol=0)
+
+
+def test_the_schedule_refuses_a_forward_that_records_gradients(ckpts: dict, tmp_path: Path) -> None:
+    model = simulated_model(split(ckpts[4], tmp_path / "s", 2), sequence_parallel=True)
+    with pytest.raises(ValueError, match="inference only"):
+        model(torch.randint(0, FOUR.vocab_size, (1, 6)))
+    model(torch.randint(0, FOUR.vocab_size, (1, 1))).sum().backward()  # one token: tensor-parallel, as ever
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -333,9 +377,15 @@ def test_verify_distributed_with_more_ranks_than_positions(ckpts: dict, tmp_path
 
 def test_a_set_of_one_tensor_parallel_rank_is_refused_in_one_line(ckpts: dict, tmp_path: Path, cli) -> None:
     split(ckpts[4], tmp_path / "s", 1, 2)
-    for command in (("generate", "--max-new-tokens", "2"), ("verify", "--random-tokens", "4", "--tokens", "2")):
-        code, _, err = cli(command[0], tmp_path / "s", "--sequence-parallel", *command[1:])
-        assert code == 2 and "this shard set has tp 1" in err and err.count("\n") == 1, err
+    runs = [
+        ("generate", tmp_path / "s", "--max-new-tokens", "2"),
+        ("verify", tmp_path / "s", "--random-tokens", "4", "--tokens", "2"),
+        ("inspect", tmp_path / "s"),
+        ("inspect", ckpts[4].path),  # --tp 1, the default
+    ]
+    for command in runs:
+        code, _, err = cli(*command, "--sequence-parallel")
+        assert code == 2 and "at tp 1 there is one" in err and err.count("\n") == 1, err
 
 
 def test_verify_refuses_inputs_of_one_token(ckpts: dict, tmp_path: Path) -> None:
@@ -392,6 +442,39 @@ def test_inspect_shows_the_schedule_the_run_counts(ckpts: dict, tmp_path: Path, 
     assert code == 0 and json.loads(out)["sequence"] is None
     code, _, err = cli("inspect", tmp_path / "s" / "rank0-of-4.safetensors", "--sequence-parallel")
     assert code == 2 and "is one rank's file" in err and err.count("\n") == 1
+
+# --- distributed, several pieces a chunk -----------------------------------------------------------------
+
+
+def rank_pieces(group: Group, shards: ShardSet, idx: torch.Tensor, whole: torch.Tensor) -> None:
+    """One rank: pieces of 3 positions; the whole input's logits, and those of a forward after 5 cached
+    tokens, against the dense model's (whole); the bytes every rank received against theory."""
+    model = distributed_model(shards, group, sequence_parallel=True)
+    model.piece_rows = 3
+    with torch.inference_mode():
+        logits = model(idx)
+        cache = KVCache(model, idx.size(0))
+        model(idx[:, :5], cache)
+        continued = model(idx[:, 5:], cache)
+    if model.last:
+        torch.testing.assert_close(logits, whole, atol=1e-5, rtol=0)
+        torch.testing.assert_close(continued, whole[:, 5:], atol=1e-5, rtol=0)
+    counted = group.gather_to_rank0((model.comm.received_bytes, model.comm.sequence_bytes, model.comm.pieces))
+    if counted is not None:  # rank 0: each stage's ranks receive N-1 times what their collectives span
+        stages = [counted[s * group.grid.tp : (s + 1) * group.grid.tp] for s in range(group.grid.pp)]
+        for ranks in stages:
+            assert sum(r for r, _, _ in ranks) == (group.grid.tp - 1) * ranks[0][1] > 0, ranks
+            assert ranks[0][2] > 2 * FOUR.n_layer // group.grid.pp, "several pieces per collective"
+
+
+@pytest.mark.parametrize(("tp", "pp", "comm"), [(2, 1, "shm"), (2, 2, "gloo")])
+def test_distributed_in_pieces_of_3_positions(ckpts: dict, tmp_path: Path, tp: int, pp: int, comm: str) -> None:
+    shards = split(ckpts[4], tmp_path / "s", tp, pp)
+    idx = torch.randint(0, FOUR.vocab_size, (2, FOUR.block_size - 1))
+    with torch.inference_mode():
+        whole = dense_model(ckpts[4])(idx)
+    launch.run(rank_pieces, (shards, idx, whole), nproc=tp * pp, device="cpu", grid=shards.manifest.grid, comm=comm)
+
 
 # --- distributed, through the CLI -------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from tpshard.files.nanogpt import read_checkpoint_file
 from tpshard.files.paths import Kind, checkpoint_file, kind_of, load_checkpoint
 from tpshard.files.shardset import MANIFEST, Manifest, ShardSet, rank_file_identity, tensor_table
 from tpshard.files.tensorfile import DTYPE_NAMES, DTYPES, NAMES_BY_CODE, open_safetensors, sha256_file
-from tpshard.parallel import plan
+from tpshard.parallel import plan, sequence
 from tpshard.parallel.grid import ParallelDims, Stages, check_tp, valid_tp_sizes
 from tpshard.tokenizer import find_tokenizer
 
@@ -292,7 +292,9 @@ class SequenceSchedule:
     pieces: str  # how the region between an all-gather and a reduce-scatter runs
     reduce_scatters_per_forward: int  # summed over the stages
     all_gathers_per_forward: int
-    moved_bytes_per_token: int  # by both, per rank, for a length tp divides: (N-1)/N of each's activations
+    # received per rank, for a length tp divides: (N-1)/N of each's activations, the output layer's all-gather
+    # counted over every position as in a full forward (generating gathers the last position only)
+    moved_bytes_per_token: int
     all_reduce_bytes_per_token: int  # what the tensor-parallel schedule reduces instead, for comparison
     residual_bytes_per_token: int  # one rank's share of the residual stream (the whole of it at tp 1)
     decode: str  # what a one-token step runs
@@ -301,6 +303,7 @@ class SequenceSchedule:
 def sequence_schedule(
     config: GPTConfig, dtype: torch.dtype, tp: int, stages: Stages, vocab_parallel: bool = False
 ) -> SequenceSchedule:
+    sequence.check_tp(tp)
     scatters, gathers = plan.sequence_collectives(config, stages, vocab_parallel)
     width = config.n_embd * dtype.itemsize
     moved = (
@@ -313,7 +316,7 @@ def sequence_schedule(
         summed = Step("REDUCE-SCATTER", "reduce-scatter", "each piece's partial embeddings summed onto its owner")
         before = [embed, summed]
     else:
-        before = [Step("wte", "replicated", "every rank looks up the whole sequence and keeps its chunk")]
+        before = [Step("wte", "replicated", "every rank looks up its chunk's tokens")]
     before.append(Step("+ wpe", "chunk", "the positions of the chunk"))
     after = [
         Step("ln_f", "chunk", "on the chunk"),

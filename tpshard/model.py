@@ -90,17 +90,19 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.reshape(B, T, R * h, hs).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hs)
         if cache is not None:
             k, v = cache.store(layer, start, k, v)  # (B, heads, start+T, hs)
-        if start == 0 and T > 1:  # a prefill: the kernel's own causal mask, none materialized ([T, T] floats)
+        if T == 1:  # a decode step sees every key
+            y = F.scaled_dot_product_attention(q, k, v)
+        elif start == 0:  # a prefill: the kernel's own causal mask, none materialized ([T, T] floats)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
+        else:  # query i (position start+i) sees keys 0 .. start+i
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(start, T, x.device))
         return y.transpose(1, 2).reshape(B, T, R, h * hs)  # each local rank's heads together
 
 
-def _causal_mask(start: int, T: int, device: torch.device) -> torch.Tensor | None:
-    """Query i (absolute position start+i) sees keys 0..start+i. None when nothing is hidden."""
-    if T == 1:
-        return None
+def _causal_mask(start: int, T: int, device: torch.device) -> torch.Tensor:
+    """Query i (absolute position start+i) sees keys 0..start+i: [T, start+T] booleans. (torch's
+    causal_lower_right bias would let CUDA's fused kernels take it, but its module imports
+    torch._dynamo: seconds and tens of MB per rank process.)"""
     keys = torch.arange(start + T, device=device)
     queries = torch.arange(start, start + T, device=device)
     return keys[None, :] <= queries[:, None]
@@ -148,11 +150,10 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """x [B, T, C]; sequence-parallel, this process's chunks [B, R*c, C] (and so is the output),
         with a cache (a scratch one when the caller keeps none)."""
-        own = not torch.is_grad_enabled()  # the MLP's residual add may go in place: x is the block's own by then
         if seq is None:
             x = x + self.attn(self.ln_1(x), layer, cache, comm)  # the block's input is left as it was
             out = self.mlp(self.ln_2(x), comm)
-            return x.add_(out) if own else x + out
+            return x + out if torch.is_grad_enabled() else x.add_(out)  # x is the block's own: in place
         assert cache is not None, "sequence-parallel attention goes a piece at a time, through a cache"
         start = cache.length  # of the sequence: its pieces' positions count from 0
 
@@ -161,11 +162,12 @@ class Block(nn.Module):
 
         x = seq.region(x, self.ln_1, attention, self.attn.c_proj.bias, comm)
         mlp = self.mlp.partials
-        return seq.region(x, self.ln_2, lambda rows, _: mlp(rows), self.mlp.c_proj.bias, comm, in_place=own)
+        return seq.region(x, self.ln_2, lambda rows, _: mlp(rows), self.mlp.c_proj.bias, comm, in_place=True)
 
 
 class GPT(nn.Module):
     sequence_parallel = False  # cut forwards of more than one token along the sequence (parallel/sequence.py)
+    piece_rows: int | None = None  # positions per sequence-parallel piece; None: the transport's (comm.piece_rows)
 
     def __init__(self, config: GPTConfig, placement: Placement = DENSE, comm: Collectives = LOCAL):
         super().__init__()
@@ -239,6 +241,11 @@ class GPT(nn.Module):
             what = "block_size" if limit == self.config.block_size else "the KV cache's capacity"
             raise ValueError(f"sequence of {start + T} tokens exceeds {what} {limit}")
         seq = self.sequence_split(T)
+        if seq is not None and torch.is_grad_enabled():
+            raise ValueError(
+                "the sequence-parallel schedule runs inference only (its keys and values go into a cache, a piece "
+                "at a time, in place): call the model under torch.inference_mode() or torch.no_grad()"
+            )
         kv = cache if cache is not None or seq is None else KVCache(self, B, T, scratch=True)
         x = torch.empty(0)
         for stage in self.placement.hosted:
@@ -274,7 +281,7 @@ class GPT(nn.Module):
         (not sequence_parallel, or a one-token step: nothing to cut)."""
         if not self.sequence_parallel or T == 1:
             return None
-        return SequenceSplit(T, self.placement.tp_size, self.placement.ranks, self.comm.piece_rows)
+        return SequenceSplit(T, self.placement.tp_size, self.placement.ranks, self.piece_rows or self.comm.piece_rows)
 
     @property
     def dtype(self) -> torch.dtype:

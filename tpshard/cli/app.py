@@ -101,7 +101,7 @@ SEQUENCE_PARALLEL_HELP = (
     "and an all-gather brings the sequence back before attention and the MLP, a piece of a few hundred positions "
     "at a time, so that no rank holds the whole prompt's activations. A length tp does not divide is padded at "
     "the end. One-token decode steps keep the tensor-parallel schedule. Needs tp 2 or more. Logits equal "
-    "the tensor-parallel and dense ones to fp32 rounding."
+    "the tensor-parallel and dense ones to rounding."
 )
 
 

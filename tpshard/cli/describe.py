@@ -341,8 +341,8 @@ def _sequence(out: Console, s: "SequenceSchedule", tp: int) -> None:
     facts.add_row(
         "moved",
         f"{_size(s.moved_bytes_per_token, exact=True)} received per rank per token of a prompt: (N-1)/N of each "
-        "collective's "
-        f"activations (the tensor-parallel schedule all-reduces {_size(s.all_reduce_bytes_per_token, exact=True)} "
+        "collective's activations (the output layer's over every position; generating gathers the last alone) "
+        f"(the tensor-parallel schedule all-reduces {_size(s.all_reduce_bytes_per_token, exact=True)} "
         f"per token; a ring all-reduce moves 2(N-1)/N of that: about the same bytes)",
     )
     facts.add_row("residual stream", f"{_size(s.residual_bytes_per_token, exact=True)} per token per rank: 1/{tp}")

@@ -16,7 +16,8 @@ Megatron-LM's all-gather before a column-parallel layer and reduce-scatter after
 (gather_from_sequence_parallel_region, reduce_scatter_to_sequence_parallel_region), each carried
 in pieces: blocks of consecutive positions inside one rank's chunk (Piece), every rank taking the
 same pieces in the same order, so that the computation between the two runs one piece at a time
-and no rank ever holds the whole sequence's activations (Megatron's --tp-comm-overlap and
+and no rank ever holds the whole sequence's activations, but its keys and values in the KV cache
+(Megatron's --tp-comm-overlap and
 PyTorch's fused all-gather-matmul / matmul-reduce-scatter cut them the same way):
 
     gather_piece   rows [B, s, C] of the owner's chunk -> [B, s, C] on every rank: a broadcast from
@@ -24,8 +25,8 @@ PyTorch's fused all-gather-matmul / matmul-reduce-scatter cut them the same way)
     reduce_piece   partials [R, B, s, C] -> out [B, s, C] on the owner: out = sum over all N ranks q
                    of partial_q, in rank order like reduce_partials. A reduce-scatter is its pieces
 
-Over a collective each rank receives (N-1)/N of the [B, T, C] activations on average (all of the
-sequence but its own chunk; of a reduction, the other ranks' partials of its chunk), as each half
+Over a collective the ranks receive (N-1)/N of the [B, T, C] activations each on average (all of the
+sequence but their own chunk; of a reduction, the other ranks' partials of their chunk), as each half
 of an all-reduce does; `received_bytes` counts what crossed into this process.
 
 And between pipeline stages (Megatron's p2p_communication):
@@ -84,9 +85,9 @@ class Collectives:
     rank = 0  # this process's rank in the run (the tensor-parallel group when there is one stage)
     world_size = 1  # processes in the run
     seconds = 0.0  # spent in cross-process collectives, waiting for the other ranks included
+    p2p_seconds = 0.0  # of which in stage hand-overs and the token broadcast across stages
     received_bytes = 0  # of sequence-parallel pieces that crossed into this process from another
     piece_rows = PIECE_ROWS  # the most positions in a piece of a sequence-parallel collective
-    p2p_seconds = 0.0  # of which in stage hand-overs and the token broadcast across stages
 
     def __init__(self) -> None:
         self._in_flight: torch.Tensor | None = None  # a stage's output on its way to the next, in this process

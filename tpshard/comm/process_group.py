@@ -61,6 +61,7 @@ class ProcessGroupCollectives(Collectives):
 
     def gather_piece(self, rows: torch.Tensor | None, piece: Piece, like: torch.Tensor) -> torch.Tensor:
         """A broadcast from the piece's owner."""
+        assert rows is None or rows.dtype == like.dtype, "a piece in the dtype of the activations"
         mine = piece.owner == self.rank
         buf = rows.contiguous() if mine else like.new_empty((like.size(0), piece.rows, *like.shape[2:]))
         self._wait(lambda: dist.broadcast(buf, src=self.members[piece.owner], group=self.group, async_op=True))

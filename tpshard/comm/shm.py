@@ -225,6 +225,7 @@ class SharedMemoryCollectives(Collectives):
 
     def gather_piece(self, rows: torch.Tensor | None, piece: Piece, like: torch.Tensor) -> torch.Tensor:
         """Rounds in which the owner writes a slot of the piece and every other rank copies it."""
+        assert rows is None or rows.dtype == like.dtype, "a piece in the dtype of the activations"
         begin = time.perf_counter()
         mine, dtype, item = piece.owner == self.rank, like.dtype, like.element_size()
         out = rows if mine else like.new_empty((like.size(0), piece.rows, *like.shape[2:]))
@@ -250,7 +251,7 @@ class SharedMemoryCollectives(Collectives):
         begin = time.perf_counter()
         dtype, item = partials.dtype, partials.element_size()
         mine = rank_order_sum(partials).reshape(-1)
-        total = None if out is None else out if out.is_contiguous() else torch.empty_like(out)
+        total = None if out is None else out if out.is_contiguous() else out.new_empty(out.shape)
         per = self.slot_bytes // item
         for a in range(0, mine.numel(), per):
             n = min(per, mine.numel() - a)

@@ -5,10 +5,10 @@ LayerNorms and the residual adds, on the whole sequence. Sequence parallelism cu
 the sequence instead: rank r of a stage's N tensor-parallel ranks holds the r-th of N chunks of the
 positions, and each collective changes the layout:
 
-    x: chunk        ln_1 -> all-gather -> [whole sequence] c_attn, attention, c_proj partials
-                    -> reduce-scatter -> chunk: + x
-    x: chunk        ln_2 -> all-gather -> [whole sequence] c_fc, gelu, c_proj partials
-                    -> reduce-scatter -> chunk: + x
+    x: chunk        ln_1 -> all-gather -> [a piece] c_attn, attention, c_proj partials
+                    -> reduce-scatter -> chunk: + x                 (piece after piece)
+    x: chunk        ln_2 -> all-gather -> [a piece] c_fc, gelu, c_proj partials
+                    -> reduce-scatter -> chunk: + x                 (piece after piece)
     after the last block: ln_f on the chunk, then one all-gather for the output layer
 
 The same bytes cross as with an all-reduce (which is a reduce-scatter and an all-gather), and a
@@ -20,8 +20,9 @@ transport says how many: comm's piece_rows, a few hundred where a call costs mic
 owner normalizes the piece's rows and broadcasts them, every rank computes its heads' or units'
 partial sums for those positions, and they are reduced onto the owner (comm's gather_piece,
 reduce_piece), which adds them to its rows of the residual stream. So no rank ever holds the whole
-sequence's activations, only its chunk of the residual stream and one piece's working set: the
-hidden units of piece_rows positions, not of all of them.
+sequence's activations, only its chunk of the residual stream, the keys and values of its heads in
+the KV cache (as any schedule does) and one piece's working set: the queries, hidden units and
+partial sums of piece_rows positions, not of all of them.
 Attention can go piece by piece because it is causal: a piece's queries see the keys of the positions
 before it, which the earlier pieces have put in the KV cache.
 
@@ -47,8 +48,8 @@ def check_tp(tp_size: int) -> None:
     """Refuse --sequence-parallel where a stage has one tensor-parallel rank: nothing to cut across."""
     if tp_size < 2:
         raise TpshardError(
-            "--sequence-parallel cuts the sequence across a stage's tensor-parallel ranks, and this shard set has "
-            "tp 1: split it with --tp 2 or more, or leave --sequence-parallel out"
+            "--sequence-parallel cuts the sequence across a stage's tensor-parallel ranks, and at tp 1 there is one: "
+            "use tp 2 or more (split --tp, inspect --tp), or leave --sequence-parallel out"
         )
 
 
@@ -148,9 +149,9 @@ class SequenceSplit:
         norm(x)))) + bias, one piece at a time. partials(rows, start) maps the normalized rows [B, s, C] of
         positions start .. start+s-1 to every local rank's partial sums of them, [R, B, s, C], and may rely
         on having seen every earlier piece (the KV cache). The owner normalizes its piece, and adds the
-        sum and the bias to its rows of x: the same operations as the tensor-parallel schedule's, row by
-        row. Padding rows are left as they are. in_place: into x itself (each piece's rows are normalized
-        before they are added to), else into a copy."""
+        sum and the bias to its rows of x, in the tensor-parallel schedule's order. Padding rows are left
+        as they are. in_place: into x itself (each piece's rows are normalized before they are added to),
+        else into a copy."""
         out = x if in_place else x.clone()
         for piece in self.pieces():
             mine = self._held(x, piece)
