@@ -151,7 +151,11 @@ class PieceLog(Collectives):
         super().reduce_piece(partials, piece, out)
 
 
-@pytest.mark.parametrize(("config", "tp", "pp", "vocab_parallel"), GRIDS)
+# every grid in pieces of the default size (one a chunk here), three of them in pieces of 3 positions too
+PIECES = [(*grid, PIECE_ROWS) for grid in GRIDS] + [(*GRIDS[i], 3) for i in (0, 3, 4)]
+
+
+@pytest.mark.parametrize(("config", "tp", "pp", "vocab_parallel", "piece_rows"), PIECES, indirect=["piece_rows"])
 def test_simulated_is_tensor_parallel_the_dense_model_and_nanogpt(
     ckpts: dict, tmp_path: Path, nanogpt, piece_rows: int, config: GPTConfig, tp: int, pp: int, vocab_parallel: bool
 ) -> None:
