@@ -12,8 +12,12 @@ at a time, never the model.
   together, so an upper bound on the anonymous peak, and no sampling to miss a spike.
 """
 
+import errno
+import fcntl
 import filecmp
+import hashlib
 import json
+import os
 import subprocess
 import sys
 from dataclasses import asdict
@@ -26,12 +30,12 @@ from safetensors.torch import save_file
 
 from tpshard.config import GPTConfig
 from tpshard.convert import merge_shards, merged_checkpoint, split_checkpoint
+from tpshard.files import tensorfile
 from tpshard.files.checkpoint import model_args
 from tpshard.files.hf import hf_state_dict, save_hf
 from tpshard.files.nanogpt import nanogpt_dict, save_checkpoint
 from tpshard.files.paths import load_checkpoint
 from tpshard.files.shardset import ShardSet
-from tpshard.files.tensorfile import Staging, tensor_chunks
 from tpshard.files.torchzip import Deferred, save_streamed
 from tpshard.model import GPT
 from tpshard.runtime import models, streamed
@@ -87,26 +91,52 @@ def test_a_merged_ckpt_is_what_torch_save_wrote(ckpt: Path, tmp_path: Path) -> N
     assert filecmp.cmp(eager, tmp_path / "merged.pt", shallow=False)
 
 
-def test_staged_chunks_are_the_tensors_bytes() -> None:
-    """What the writers write, a stage at a time, is the tensor's row-major bytes, whatever its strides
-    (transposed, cut, stepped, N-d, bfloat16, 0-d, empty), with rows larger than a stage cut further."""
-    staging = Staging(2, nbytes=4096)
+@pytest.mark.parametrize("direct", ["taken", "refused at open", "refused at a write"])
+def test_an_output_file_holds_the_tensors_bytes(direct: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the writers write, through buffers (of 4 kB here: rows cross from one to the next, some are
+    larger than one), is each tensor's row-major bytes, whatever its strides (transposed, cut, stepped,
+    N-d, bfloat16, 0-d, empty), at any offset (after 3 bytes: a float's place in no buffer lines up), and
+    its sha256 is the file's. With O_DIRECT, or without: a file system that refuses it when the file is
+    opened, or only when it is written."""
+    monkeypatch.setattr(tensorfile, "BUFFER_BYTES", 4096)
+    monkeypatch.setattr(tensorfile, "BUFFERS", 2)
+    monkeypatch.setattr(tensorfile, "DIRECT_BYTES", 0)  # every file large
+    if direct == "refused at open":
+        monkeypatch.delattr(os, "O_DIRECT")
+    elif direct == "refused at a write":
+        real_write = os.write
+
+        def write(fd: int, data: bytes) -> int:
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", write)
     gen = torch.Generator().manual_seed(3)
     views = [
         torch.randn(300, 70, generator=gen).t(),  # an HF Conv1D weight: the blocked transpose
-        torch.randn(5, 2000, generator=gen).t(),  # a transposed row larger than a stage
+        torch.randn(5, 2000, generator=gen).t(),  # a transposed row larger than a buffer
         torch.randn(30, 40, generator=gen)[:, 5:17],  # a row-parallel cut
         torch.randn(3000, generator=gen)[::3],
         torch.randn(3, 5000, generator=gen)[:, ::2],
         torch.randn(2, 3, 700, generator=gen).transpose(0, 2),
         torch.randn(4000, generator=gen).to(torch.bfloat16).view(40, 100).t(),
-        torch.randn(5000, generator=gen),  # contiguous, several stages
+        torch.randn(5000, generator=gen),  # contiguous, several buffers
         torch.tensor(3.0),
         torch.randn(0, 4),
     ]
-    for view in views:
-        got = b"".join(bytes(chunk) for chunk in tensor_chunks(view, staging))
-        assert got == view.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), (view.shape, view.stride())
+    expected = b"".join(view.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for view in views)
+    for offset in (b"", b"abc"):
+        with tensorfile.OutputFile(tmp_path / "out", sha256=True) as out:
+            out.write(offset)
+            for view in views:
+                out.write_tensor(view)
+            assert out.tell() == len(offset + expected)
+            direct_now = bool(fcntl.fcntl(out.fileno(), fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
+            digest = out.close()
+        assert (tmp_path / "out").read_bytes() == offset + expected
+        assert digest == hashlib.sha256(offset + expected).hexdigest()
+        assert direct_now == (direct == "taken")
 
 
 def test_dense_safetensors_and_hf_hold_what_the_in_memory_writers_held(cli, ckpt: Path, tmp_path: Path) -> None:

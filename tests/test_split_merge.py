@@ -240,15 +240,16 @@ def test_existing_output_needs_force_and_force_replaces(bias_ckpt: Path, tmp_pat
 
 def fail_on_rank_1(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank 1's file fails half-way through (the disk fills up)."""
-    real = shardset.write_safetensors
+    real = shardset.write_safetensors_files
 
-    def write(path: Path, layout, produce, metadata, progress=None) -> str:
-        if metadata["rank"] == "1":
-            path.write_bytes(b"\0" * 1000)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real(path, layout, produce, metadata, progress)
+    def write(files: list, produce, progress=None) -> list:
+        for path, _, metadata in files:
+            if metadata["rank"] == "1":
+                path.write_bytes(b"\0" * 1000)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(files, produce, progress)
 
-    monkeypatch.setattr(shardset, "write_safetensors", write)
+    monkeypatch.setattr(shardset, "write_safetensors_files", write)
 
 
 def test_failed_split_leaves_nothing_behind(bias_ckpt: Path, tmp_path: Path, cli, monkeypatch) -> None:

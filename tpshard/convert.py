@@ -2,9 +2,8 @@
 parallel/plan.py tensor by tensor, so that no step holds the model twice."""
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ from tpshard.errors import TpshardError
 from tpshard.files.atomic import file_status, input_files, refuse_output_over_inputs
 from tpshard.files.checkpoint import Checkpoint, training_record
 from tpshard.files.dcp import Boxes, stored_shape
+from tpshard.files.digests import FileHash, take
 from tpshard.files.pages import drop_file_pages, shares_memory
 from tpshard.files.shardset import (
     BPE_TOKENIZER,
@@ -23,7 +23,7 @@ from tpshard.files.shardset import (
     tensor_table,
     write_shard_set,
 )
-from tpshard.files.tensorfile import DTYPE_NAMES, BackgroundHash, Progress, TensorSource
+from tpshard.files.tensorfile import DTYPE_NAMES, Progress, TensorSource
 from tpshard.parallel import plan
 from tpshard.parallel.grid import ParallelDims, Stages
 from tpshard.tokenizer import CharTokenizer, find_tokenizer, load_tokenizer_file
@@ -69,14 +69,15 @@ def split_checkpoint(
     """Split a dense checkpoint into tp_size x pp rank files (optimizer state is left out): pp
     pipeline stages of stage_layers blocks each (default: balanced by bytes), each split tp_size
     ways. tokenizer_file (a meta.pkl or a ranks file, under any name) is loaded, and shipped under
-    the name of its kind."""
+    the name of its kind. progress: the bytes written, and those of the source hashed for the manifest."""
     grid = ParallelDims(tp_size, pp)
     grid.check(checkpoint.config)
     stages = choose_stages(checkpoint.config, pp, stage_layers, tp_size, vocab_parallel)
     refuse_output_over_inputs(out_dir, [*input_files(checkpoint.path), *([tokenizer_file] if tokenizer_file else [])])
     tokenizer_name = shipped_tokenizer_name(tokenizer_file) if tokenizer_file is not None else None
     dtype = dtype or checkpoint.dtype
-    source_hash = BackgroundHash(checkpoint.path)
+    source_hash = take(checkpoint.path)
+    source_hash.attach(progress)
     manifest = Manifest(
         grid=grid,
         config=checkpoint.config,
@@ -95,7 +96,7 @@ def split_checkpoint(
     def describe_source() -> dict:
         return {
             "file": as_text(checkpoint.path.name),
-            "sha256": source_hash.get(),
+            "sha256": _source_digest(source_hash),
             "iter_num": checkpoint.iter_num,
             "best_val_loss": checkpoint.best_val_loss,
             "config": checkpoint.train_config,
@@ -113,6 +114,13 @@ def split_checkpoint(
         tokenizer_name=tokenizer_name,
         progress=progress,
     )
+
+
+def _source_digest(source_hash: FileHash) -> str:
+    try:
+        return source_hash.digest()
+    except OSError as e:
+        raise TpshardError(f"{e.filename}: cannot read to hash it ({e.strerror})") from None
 
 
 def shipped_tokenizer_name(path: Path) -> str:
@@ -152,72 +160,133 @@ def tokenizer_to_ship(checkpoint: Checkpoint, explicit: Path | None, scratch: Pa
 def _piece(
     name: str, dense: torch.Tensor, tp_rank: int, tp_size: int, vocab_parallel: bool, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """One rank's piece of a dense tensor, for a rank file. When the piece is a copy (a cut that is not
-    a view, a cast), the dense tensor's memory-mapped pages are released now; a view's are released by
-    the writer once written."""
-    piece = plan.shard(name, dense, tp_rank, tp_size, vocab_parallel)
+    """One rank's piece of a dense tensor, for a rank file: a view of the dense tensor where the piece
+    lies whole in it (its box, plan.piece_box: a q, k, v piece as (3, rows, ...), which holds its
+    elements in order), else plan.shard's (a vocabulary-padded piece). When the piece is a copy (padded,
+    cast), the dense tensor's memory-mapped pages are released now; a view's are released by the writer
+    once written."""
+    shape = plan.shard(name, dense.to("meta"), tp_rank, tp_size, vocab_parallel)  # its shape alone
+    found = plan.piece_box(name, shape, tp_rank, vocab_parallel, dense.size(0))
+    if found is not None and found[1].numel() == shape.numel():
+        piece = _box(dense.view(stored_shape(name, tuple(dense.shape))), *found)
+    else:
+        piece = plan.shard(name, dense, tp_rank, tp_size, vocab_parallel)
     piece = piece if dtype is None else piece.to(dtype)
     if not shares_memory(piece, dense):
         drop_file_pages(dense)
     return piece
 
 
-def check_rank_files(shards: ShardSet, *, checksum: bool = True, progress: Progress | None = None) -> None:
-    """Every rank file against the manifest (size, header; sha256 unless checksum=False), the files
-    hashed side by side on the cores there are (hashlib releases the GIL); the first failing rank, in
-    rank order, is raised."""
-    ranks = range(shards.manifest.grid.world_size)
-    workers = max(1, min(len(ranks), os.cpu_count() or 1)) if checksum else 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        checks = [pool.submit(shards.check_file, rank, checksum=checksum, progress=progress) for rank in ranks]
+def _box(tensor: torch.Tensor, offsets: tuple[int, ...], box: torch.Tensor) -> torch.Tensor:
+    """The view of tensor that box, at offsets, covers."""
+    return tensor[tuple(slice(at, at + size) for at, size in zip(offsets, box.shape, strict=True))]
+
+
+class RankFileChecks:
+    """Every rank file against the manifest: its size and header at once, its sha256 (unless
+    checksum=False) hashed on background threads (digests), the files side by side, while the caller
+    goes on to read them; confirm() waits for the hashes. A failure is the one that checking each file
+    whole, in rank order, finds first: the first failing rank; its size, then its sha256, then its
+    header. progress: the bytes hashed."""
+
+    def __init__(self, shards: ShardSet, *, checksum: bool = True, progress: Progress | None = None):
+        self.shards = shards
+        ranks = range(shards.manifest.grid.world_size)
+        self.hashes = [take(shards.rank_path(rank)) for rank in ranks] if checksum else []
+        for digest in self.hashes:
+            digest.attach(progress)
+        for rank in ranks:
+            try:
+                shards.check_file(rank, checksum=False)
+            except TpshardError:
+                for earlier in ranks[: rank + 1] if checksum else ():  # what the eager check raises first
+                    shards.check_file(earlier, digest=self.hashes[earlier])
+                raise
+
+    def confirm(self) -> None:
+        """Wait for the rank files' sha256; raise the first, in rank order, that differs from the
+        manifest or could not be read."""
+        for rank, digest in enumerate(self.hashes):
+            self.shards.check_sha256(rank, digest)
+
+    @contextmanager
+    def first(self) -> Iterator[None]:
+        """A TpshardError raised inside (by what the rank files hold) is the checksum's, if one fails:
+        the cause, and what an eager check would have said."""
         try:
-            for check in checks:
-                check.result()
-        except BaseException:
-            for check in checks:
-                check.cancel()
+            yield
+        except TpshardError:
+            self.confirm()
             raise
 
 
 def mapped_pieces(shards: ShardSet) -> dict[str, list[torch.Tensor]]:
-    """Every rank's pieces, memory-mapped (load_pieces, the files' sha256 not checked again), with the
-    pages that mapping them touched dropped: about 100 kB per tensor stays mapped otherwise (the
-    first page of each and what the kernel maps around it), which grows with the model."""
-    pieces = shards.load_pieces(list(range(shards.manifest.grid.world_size)), checksum=False)
-    for ranks in pieces.values():
-        for piece in ranks:
-            drop_file_pages(piece)
-    return pieces
+    """Every rank's pieces, memory-mapped (load_pieces, the files' sha256 not checked again; the pages
+    that mapping them touched dropped: tensorfile.read_tensors)."""
+    return shards.load_pieces(list(range(shards.manifest.grid.world_size)), checksum=False)
 
 
-def dense_tensors(shards: ShardSet) -> TensorSource:
+def dense_tensors(shards: ShardSet, *, one_at_a_time: bool = False) -> TensorSource:
     """A shard set's dense tensors, nanoGPT's names, each put together from its memory-mapped pieces
     only when asked for, and kept by no one here: a tensor split across ranks is copied out then and
-    its pieces' pages released; a replicated one is rank 0's piece itself (a view of its file). The
-    last stage's copy of the tied embedding is checked first, then left out; lm_head.weight is wte.
-    The rank files are not checked here (check_rank_files)."""
+    its pieces' pages released; a replicated one is rank 0's piece itself (a view of its file). With
+    one_at_a_time (a writer's, which is done with each tensor before it asks for the next), every
+    tensor is put together in the same memory, in place of the last: no fresh pages to fault in each
+    time. The last stage's copy of the tied embedding is checked first, then left out; lm_head.weight
+    is wte. The rank files are not checked here (RankFileChecks)."""
     m = shards.manifest
     pieces = _untied(shards, mapped_pieces(shards))
     layout = [(name, m.dtype, tuple(m.tensors[name]["shape"])) for name in pieces]
     layout += [(tied, m.dtype, tuple(m.tensors[source]["shape"])) for tied, source in plan.TIED.items()]
+    reused = _Reused() if one_at_a_time else None
 
     def make(name: str) -> torch.Tensor:
         stored = plan.TIED.get(name, name)
         ranks = pieces[stored]
-        dense = m.unshard(stored, ranks).contiguous()
-        if not any(shares_memory(dense, piece) for piece in ranks):
-            for piece in ranks:
-                drop_file_pages(piece)
+        if len(ranks) == 1 or plan.rule_for(stored, m.vocab_parallel) is plan.Rule.REPLICATED:
+            return ranks[0]
+        shape = tuple(m.tensors[stored]["shape"])
+        if reused is None:
+            dense = m.unshard(stored, ranks).contiguous()
+        else:
+            dense = _put_together(m, stored, ranks, reused.take(shape, m.dtype))
+        for piece in ranks:
+            drop_file_pages(piece)
         return dense
 
     return TensorSource(layout, make)
+
+
+class _Reused:
+    """One block of memory, grown to the largest tensor asked for, that every tensor is made in."""
+
+    def __init__(self) -> None:
+        self.memory = torch.empty(0, dtype=torch.uint8)
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        size = math.prod(shape) * dtype.itemsize
+        if self.memory.numel() < size:
+            self.memory = torch.empty(0, dtype=torch.uint8)  # the old block freed before the new one is made
+            self.memory = torch.empty(size, dtype=torch.uint8)
+        return self.memory[:size].view(dtype).view(shape)
+
+
+def _put_together(m: Manifest, name: str, pieces: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """m.unshard(name, pieces), written into out: each piece copied into its box (plan.piece_box, in
+    the stacked shape that makes a q, k, v piece one box)."""
+    dense = out.view(stored_shape(name, tuple(out.shape)))
+    for rank, piece in enumerate(pieces):
+        found = plan.piece_box(name, piece, rank, m.vocab_parallel, m.config.vocab_size)
+        if found is not None:
+            _box(dense, *found).copy_(found[1])
+    return out
 
 
 def dcp_boxes(shards: ShardSet) -> Boxes:
     """A shard set's dense tensors as the boxes its pieces are in (plan.piece_box), in the shapes of
     tpshard's DCP export (q, k, v stacked): each a memory-mapped piece or a view of one, so that a DCP
     writer stores them with nothing copied. The last stage's copy of the tied embedding is checked
-    first, then written as wte's boxes; the rank files are not checked here (check_rank_files)."""
+    first, then written as wte's boxes; the rank files are not checked here (RankFileChecks)."""
     m = shards.manifest
     pieces = _untied(shards, mapped_pieces(shards))
     boxes: Boxes = {}
@@ -230,27 +299,41 @@ def dcp_boxes(shards: ShardSet) -> Boxes:
 
 
 def merged_checkpoint(shards: ShardSet, *, checksum: bool = True, progress: Progress | None = None) -> Checkpoint:
-    """The dense checkpoint of a shard set, its state_dict made tensor by tensor when asked for
-    (dense_tensors): what the writers stream to disk, holding one tensor at a time. Every rank file is
-    checked against its sha256 first, unless checksum=False (the caller just did)."""
-    check_rank_files(shards, checksum=checksum, progress=progress)
-    return Checkpoint(
-        path=shards.directory,
-        config=shards.manifest.config,
-        state_dict=dense_tensors(shards),
-        **training_record(shards.manifest.source, shards.directory),
-    )
+    """The dense checkpoint of a shard set for a writer: its state_dict made tensor by tensor when asked
+    for, each in the memory of the last (dense_tensors, one_at_a_time), so that the writers stream it
+    to disk holding one tensor. Every rank file's size and header are checked now; its sha256 (unless
+    checksum=False) on background threads while the checkpoint is written out (RankFileChecks; progress:
+    the bytes hashed): the writers call the checkpoint's pending_checks before their output takes its
+    name, and it raises if a file differs from the manifest."""
+    checks = RankFileChecks(shards, checksum=checksum, progress=progress)
+    with checks.first():
+        tensors = dense_tensors(shards, one_at_a_time=True)
+    return _checkpoint(shards, tensors, checks.confirm)
 
 
 def merge_shards(shards: ShardSet, *, checksum: bool = True, progress: Progress | None = None) -> Checkpoint:
     """The dense checkpoint back from every rank's file, every tensor in memory (each file checked
     against its sha256 first, unless checksum=False: the caller just did). To write it to disk, take
     merged_checkpoint: the same tensors, one at a time."""
-    merged = merged_checkpoint(shards, checksum=checksum, progress=progress)
-    state = {name: merged.state_dict[name] for name in merged.state_dict if name not in plan.TIED}
+    checks = RankFileChecks(shards, checksum=checksum, progress=progress)
+    checks.confirm()
+    tensors = dense_tensors(shards)
+    state = {name: tensors[name] for name in tensors if name not in plan.TIED}
     for tied, source in plan.TIED.items():
         state[tied] = state[source]
-    return replace(merged, state_dict=state)
+    return _checkpoint(shards, state)
+
+
+def _checkpoint(
+    shards: ShardSet, tensors: Mapping[str, torch.Tensor], pending_checks: Callable[[], None] | None = None
+) -> Checkpoint:
+    return Checkpoint(
+        path=shards.directory,
+        config=shards.manifest.config,
+        state_dict=tensors,
+        **training_record(shards.manifest.source, shards.directory),
+        pending_checks=pending_checks,
+    )
 
 
 def _untied(shards: ShardSet, pieces: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
@@ -282,7 +365,8 @@ def reshard(
 ) -> Manifest:
     """One grid to another (tp x pp) directly: each tensor is reassembled from the old pieces and cut
     for the new ranks, one tensor at a time, without a dense checkpoint on disk. The rank files are
-    byte-identical to a direct split's."""
+    byte-identical to a direct split's. The old rank files' sha256 are checked while the new ones are
+    written (RankFileChecks), before out_dir takes its name. progress: the bytes written and hashed."""
     grid = ParallelDims(tp_size, pp)
     grid.check(shards.manifest.config)
     stages = choose_stages(shards.manifest.config, pp, stage_layers, tp_size, shards.manifest.vocab_parallel)
@@ -298,8 +382,9 @@ def reshard(
         except TpshardError as e:
             raise TpshardError(f"{e}; the shard set's tokenizer is damaged: restore it or re-split") from None
     m = shards.manifest
-    check_rank_files(shards)
-    old = _untied(shards, mapped_pieces(shards))
+    checks = RankFileChecks(shards, progress=progress)
+    with checks.first():
+        old = _untied(shards, mapped_pieces(shards))
     tensors = tensor_table(m.config, m.vocab_parallel, pp)
     manifest = Manifest(grid, m.config, m.dtype, tensors, [], {}, vocab_parallel=m.vocab_parallel, stages=stages)
 
@@ -321,6 +406,7 @@ def reshard(
         tokenizer_file=tokenizer,
         tokenizer_name=tokenizer_name,
         progress=progress,
+        before_rename=checks.confirm,
     )
 
 
@@ -329,16 +415,16 @@ def _recut(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """plan.shard(name, plan.unshard(name, pieces), tp_rank, tp_size), the new rank's piece, cut from
     the old pieces it overlaps without putting the dense tensor together (a view of one old piece
-    where it lies inside it), and those old pieces. The same values, so the same bytes on disk."""
+    where it lies inside it; a q, k, v piece as (3, rows, ...), its elements in order), and those old
+    pieces. The same values, so the same bytes on disk."""
     rule = plan.rule_for(name, vocab_parallel)
     if rule is plan.Rule.REPLICATED:
         return pieces[0], pieces[:1]
-    if rule is plan.Rule.QKV_COLUMN:  # q, k and v each: a run of rows across the old ranks' parts
+    if rule is plan.Rule.QKV_COLUMN:  # q, k and v each: the same run of rows across the old ranks' parts
         parts = [piece.view(3, -1, *piece.shape[1:]) for piece in pieces]
         rows = parts[0].size(1) * len(parts) // tp_size
-        cuts = [_span([part[p] for part in parts], 0, tp_rank * rows, (tp_rank + 1) * rows) for p in range(3)]
-        read = [pieces[i] for i in sorted({i for _, used in cuts for i in used})]
-        return torch.stack([cut for cut, _ in cuts]).reshape(-1, *pieces[0].shape[1:]), read
+        cut, used = _span(parts, 1, tp_rank * rows, (tp_rank + 1) * rows)
+        return cut, [pieces[i] for i in used]
     dim = 0 if rule is plan.Rule.VOCAB else rule.dim
     assert dim is not None
     total = sum(piece.size(dim) for piece in pieces) if rule is not plan.Rule.VOCAB else vocab_size

@@ -50,6 +50,13 @@ def _files_table(manifest, directory: Path) -> Table:
     return table
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # unreadable: hashing it says so
+        return 0
+
+
 @app.command()
 def split(
     checkpoint: Path = typer.Argument(..., help="nanoGPT ckpt.pt (as train.py writes it).", callback=expand_user),
@@ -93,6 +100,10 @@ def split(
 
         tpshard split ckpt.pt --tp 1 --pp 3 --stage-layers 3,5,4 -o shards
     """
+    from tpshard.files import digests
+
+    digests.start(checkpoint)  # a ckpt.pt's sha256, for the manifest: hashed while torch is imported
+
     from tpshard.convert import choose_stages, planned_bytes, split_checkpoint, tokenizer_to_ship
     from tpshard.files.paths import load_checkpoint
     from tpshard.files.tensorfile import DTYPES
@@ -103,7 +114,8 @@ def split(
     grid = ParallelDims(tp, pp)
     grid.check(ckpt.config)  # before anything is written, and before the stages (a bad --tp first)
     stages = choose_stages(ckpt.config, pp, Stages.parse(stage_layers) if stage_layers else None, tp, vocab_parallel)
-    total = planned_bytes(ckpt.config, target or ckpt.dtype, grid, stages, vocab_parallel)
+    # written, and the source hashed for the manifest
+    total = planned_bytes(ckpt.config, target or ckpt.dtype, grid, stages, vocab_parallel) + _size(ckpt.path)
     label = f"split into {_layout(grid)}"
     with tempfile.TemporaryDirectory() as scratch, byte_progress(label, total) as progress:
         tokenizer_file, why_none = tokenizer_to_ship(ckpt, tokenizer, Path(scratch))
@@ -150,10 +162,19 @@ def merge(
 ) -> None:
     """Reassemble the dense checkpoint from SHARDS, bit for bit.
 
-    Every rank file is checked against the manifest's sha256 first. The pt output is a nanoGPT
-    ckpt.pt (model, model_args, iter_num, best_val_loss, config; wte and lm_head tied) that nanoGPT's
-    sample.py loads; its optimizer entry is None, since shards carry no optimizer state.
+    Every rank file is checked against the manifest's sha256, while the output is written: OUT
+    appears only if they all match. The pt output is a nanoGPT ckpt.pt (model, model_args, iter_num,
+    best_val_loss, config; wte and lm_head tied) that nanoGPT's sample.py loads; its optimizer entry
+    is None, since shards carry no optimizer state.
     """
+    from tpshard.files import digests
+
+    if os.path.lexists(out) and not force:  # a dangling link or a link loop is a name taken too
+        raise TpshardError(f"{out}: already exists; choose another output or pass --force to replace it")
+    if out.is_dir() and format not in (MergeFormat.hf, MergeFormat.dcp):
+        raise TpshardError(f"{out}: is a directory, expected a file name for the merged checkpoint")
+    digests.start_rank_files(shards)  # hashed while torch is imported
+
     from tpshard.convert import dcp_boxes, merged_checkpoint
     from tpshard.files.atomic import input_files, refuse_output_over_inputs
     from tpshard.files.dcp import save_dcp
@@ -162,21 +183,18 @@ def merge(
     from tpshard.files.nanogpt import save_checkpoint
     from tpshard.files.shardset import ShardSet
 
-    if os.path.lexists(out) and not force:  # a dangling link or a link loop is a name taken too
-        raise TpshardError(f"{out}: already exists; choose another output or pass --force to replace it")
-    if out.is_dir() and format not in (MergeFormat.hf, MergeFormat.dcp):
-        raise TpshardError(f"{out}: is a directory, expected a file name for the merged checkpoint")
     shard_set = ShardSet.open(shards)
     refuse_output_over_inputs(out, input_files(shard_set.directory))
-    total = sum(f["bytes"] for f in shard_set.manifest.files)
-    with byte_progress("verify checksums", total) as progress:  # then written one tensor (dcp: one piece) at a time
+    m = shard_set.manifest
+    # written (dcp: lm_head too, wte's bytes), and the rank files hashed
+    total = m.dense_bytes(tied_twice=format is MergeFormat.dcp) + sum(f["bytes"] for f in m.files)
+    with byte_progress(f"write {out.name}, verify checksums", total) as progress:
         ckpt = merged_checkpoint(shard_set, progress=progress)
-    with byte_progress(f"write {out.name}", shard_set.manifest.dense_bytes()) as progress:
         if format is MergeFormat.hf:
             save_hf(ckpt, out, force=force, progress=progress)
         elif format is MergeFormat.dcp:
             boxes = dcp_boxes(shard_set)
-            save_dcp(ckpt, out, force=force, tokenizer_file=shard_set.tokenizer_path, boxes=boxes)
+            save_dcp(ckpt, out, force=force, tokenizer_file=shard_set.tokenizer_path, boxes=boxes, progress=progress)
         else:
             (save_checkpoint if format is MergeFormat.pt else save_safetensors)(ckpt, out, progress)
     files = shard_set.manifest.grid.world_size
@@ -204,6 +222,10 @@ def reshard(
 
     The rank files are byte-identical to splitting the original checkpoint with the new grid.
     """
+    from tpshard.files import digests
+
+    digests.start_rank_files(shards)  # hashed while torch is imported
+
     from tpshard.convert import choose_stages, planned_bytes
     from tpshard.convert import reshard as reshard_set
     from tpshard.files.shardset import ShardSet
@@ -218,7 +240,8 @@ def reshard(
         stages = choose_stages(m.config, pp, Stages.parse(stage_layers))
     else:
         stages = m.stage_plan if pp == m.grid.pp else choose_stages(m.config, pp, None, tp, m.vocab_parallel)
-    total = planned_bytes(m.config, m.dtype, grid, stages, m.vocab_parallel)
+    # written, and the old rank files hashed
+    total = planned_bytes(m.config, m.dtype, grid, stages, m.vocab_parallel) + sum(f["bytes"] for f in m.files)
     with byte_progress(f"reshard {_layout(m.grid)} -> {_layout(grid)}", total) as progress:
         manifest = reshard_set(shard_set, tp, out, pp=pp, stage_layers=stages, force=force, progress=progress)
     stdout.print(f"{shards} ({_layout(m.grid, m.stages)}) -> {out} ({_layout(grid, stages)})")

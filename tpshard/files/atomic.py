@@ -21,8 +21,9 @@ from tpshard.errors import TpshardError, first_line
 ORPHAN_AGE_S = 60  # an unlocked temporary output untouched this long was left by a killed run
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run write(tmp_path), then rename over path: a crash leaves no half-written file under path's name."""
+def atomic_write(path: Path, write: Callable[[Path], None], before_rename: Callable[[], None] | None = None) -> None:
+    """Run write(tmp_path), then rename over path: a crash leaves no half-written file under path's name.
+    before_rename, if given, runs just before: what it raises leaves path unchanged too."""
     path = Path(path)
     if path.is_dir():
         raise TpshardError(f"{path}: is a directory, expected a file name for the output")
@@ -36,6 +37,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.fchmod(fd, under_umask(0o666))  # mkstemp's 0600 is for the temporary name only
         write(Path(tmp))
         os.fsync(fd)  # the data on disk before the name points at it
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -48,8 +51,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 @contextmanager
-def atomic_directory(out_dir: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside out_dir; rename it to out_dir only when the body succeeds."""
+def atomic_directory(
+    out_dir: Path, force: bool, before_rename: Callable[[], None] | None = None
+) -> Iterator[Path]:
+    """Yield a temporary directory beside out_dir; rename it to out_dir only when the body succeeds (and
+    before_rename, if given, which runs just before, raises nothing)."""
     out_dir = Path(out_dir)
     if os.path.lexists(out_dir) and not force:  # lexists: a dangling link or a link loop is a name taken too
         raise TpshardError(f"{out_dir}: already exists; choose another output or pass --force to replace it")
@@ -68,6 +74,8 @@ def atomic_directory(out_dir: Path, force: bool) -> Iterator[Path]:
         raise TpshardError(f"{parent}: cannot write here ({e.strerror})") from None
     try:
         yield tmp
+        if before_rename is not None:
+            before_rename()
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=parent))
             os.replace(out_dir, old / "x")

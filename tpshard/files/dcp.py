@@ -52,7 +52,7 @@ from tpshard.files.checkpoint import (
     training_record,
 )
 from tpshard.files.pages import drop_file_pages
-from tpshard.files.tensorfile import StagedFile
+from tpshard.files.tensorfile import OutputFile, Progress
 from tpshard.parallel.plan import EMBEDDING, TIED, dense_shapes
 
 METADATA = ".metadata"
@@ -499,12 +499,13 @@ def _cause(e: BaseException) -> str:
 Boxes = dict[str, tuple[tuple[int, ...], list[tuple[tuple[int, ...], torch.Tensor]]]]
 
 
-def _box_planner(boxes: Boxes) -> object:
+def _box_planner(boxes: Boxes, progress: Progress | None = None) -> object:
     """torch's default save planner, given the write items of the boxes instead of a state_dict's: it
     writes each box as a chunk of its tensor at its offsets, and hands the writer one box at a time.
     DCP's own planning would need every tensor whole, in memory. The writer keeps what it was handed
     until the data file is closed: boxes that are views of memory-mapped files cost no memory, and
-    their pages are dropped as soon as the next box is asked for (written)."""
+    their pages are dropped as soon as the next box is asked for (written); progress gets its bytes
+    then."""
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
     from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
@@ -529,10 +530,17 @@ def _box_planner(boxes: Boxes) -> object:
             return self.plan
 
         def lookup_object(self, index: MetadataIndex) -> torch.Tensor:
-            if self.last is not None:
-                drop_file_pages(self.last)  # written: a mapped box's pages are done with
+            self.written()
             self.last = self.by_index[(index.fqn, index.offset)]
             return self.last
+
+        def written(self) -> None:
+            """The last box handed out is written: a mapped box's pages are done with."""
+            if self.last is not None:
+                drop_file_pages(self.last)
+                if progress:
+                    progress(self.last.numel() * self.last.element_size())
+            self.last = None
 
     return BoxPlanner()
 
@@ -579,11 +587,13 @@ def save_dcp(
     tokenizer_file: Path | None = None,
     qkv: str = STACKED,
     boxes: Boxes | None = None,
+    progress: Progress | None = None,
 ) -> None:
     """A DCP directory written by this one process (no process group): .metadata, one data file,
     tpshard.json and the tokenizer, if any; all or nothing. boxes: the tensors as the boxes to store
     them in (a shard set's memory-mapped pieces: convert.dcp_boxes, stacked q, k, v), written one at a
-    time, nothing copied; by default checkpoint's tensors, each whole (export_state_dict)."""
+    time, nothing copied; by default checkpoint's tensors, each whole (export_state_dict). progress:
+    the bytes of the boxes written."""
     from torch.distributed.checkpoint import FileSystemWriter, save
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.filesystem import FileSystem
@@ -594,26 +604,34 @@ def save_dcp(
         state = export_state_dict(checkpoint, qkv)
         boxes = {name: (tuple(t.shape), [((0,) * t.dim(), t)]) for name, t in state.items()}
     record = sidecar(checkpoint, qkv)
+    total = sum(box.numel() * box.element_size() for _, parts in boxes.values() for _, box in parts)
 
-    class StagedFileSystem(FileSystem):
+    class OutputFileSystem(FileSystem):
         @contextmanager
         def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[object]:
-            with super().create_stream(path, mode) as stream:  # torch.save's records, through a staging buffer
-                yield StagedFile(stream) if "w" in mode else stream
+            if "w" not in mode:
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            data = Path(path).suffix == ".distcp"  # the one data file: every box (else .metadata)
+            with OutputFile(Path(path), size=total if data else 0) as stream:  # torch.save's records
+                yield stream
 
     class Writer(FileSystemWriter):
         def __init__(self, path: Path):
             super().__init__(path)
-            self.fs = StagedFileSystem()
+            self.fs = OutputFileSystem()
 
         def storage_meta(self) -> StorageMeta:  # the output's name, not the temporary's it is written under
             return StorageMeta(checkpoint_id=str(out_dir), save_id=self.save_id)
 
-    with atomic_directory(out_dir, force) as tmp:
+    with atomic_directory(out_dir, force, checkpoint.pending_checks) as tmp:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", SINGLE_PROCESS_WARNING)
-                save({}, storage_writer=Writer(tmp), planner=_box_planner(boxes), no_dist=True)
+                planner = _box_planner(boxes, progress)
+                save({}, storage_writer=Writer(tmp), planner=planner, no_dist=True)
+                planner.written()
         except (Exception, CheckpointException) as e:  # the latter a BaseException, wrapping a full disk's OSError
             raise TpshardError(
                 f"{out_dir}: writing failed ({write_failure(_inner(e))}); {out_dir} is unchanged"

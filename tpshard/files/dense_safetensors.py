@@ -30,7 +30,7 @@ def save_safetensors(checkpoint: Checkpoint, path: Path, progress: Progress | No
     def write(tmp: Path) -> None:
         write_safetensors(tmp, layout, tensors.__getitem__, metadata, progress, sha256=False)
 
-    atomic_write(Path(path), write)
+    atomic_write(Path(path), write, checkpoint.pending_checks)
 
 
 def load_safetensors_checkpoint(path: Path) -> Checkpoint:

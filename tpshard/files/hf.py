@@ -163,7 +163,7 @@ def save_hf(checkpoint: Checkpoint, out_dir: Path, *, force: bool = False, progr
     tensors = hf_tensors(checkpoint)
     dtype = next(dtype for _, dtype, _ in tensors.layout)
     config = hf_config(checkpoint.config) | {"torch_dtype": str(dtype).removeprefix("torch.")}
-    with atomic_directory(Path(out_dir), force) as tmp:
+    with atomic_directory(Path(out_dir), force, checkpoint.pending_checks) as tmp:
         weights = tmp / "model.safetensors"
         write_safetensors(weights, tensors.layout, tensors.__getitem__, {"format": "pt"}, progress, sha256=False)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

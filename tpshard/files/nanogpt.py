@@ -128,4 +128,4 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path, progress: Progress | Non
         if name not in TIED
     }
     record = _nanogpt_dict(checkpoint, model)
-    atomic_write(Path(path), lambda tmp: save_streamed(record, tmp, progress))
+    atomic_write(Path(path), lambda tmp: save_streamed(record, tmp, progress), checkpoint.pending_checks)

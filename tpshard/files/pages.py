@@ -6,23 +6,34 @@ RSS stays near one tensor's worth, not the model's: the pages stay in the kernel
 later read maps them again from there (or from the file) as they were.
 """
 
+import bisect
 import ctypes
 import functools
 import mmap
+import os
 import sys
 
 import torch
 
 MADV_DONTNEED = 4
 TRIM_MARGIN = 8 << 20
-_SWAPPED, _FILE = 1 << 62, 1 << 61  # /proc/self/pagemap's bits (bit 63, present: the sign)
+LARGE_FOLIO = 2 << 20  # the most that one fault on a file's page maps (a large folio, up to a PMD)
+# /proc/self/pagemap: 8 bytes per page, little-endian; the last byte's top bits are bit 63 (present), 62
+# (swapped) and 61 (backed by a file). Each such byte mapped to what the page is: H, it holds data of its
+# own (present and anonymous: written since it was mapped, copy-on-write; or swapped out); F, a file's
+# page, present; "-", neither (not present).
+_PAGE_KINDS = bytes(
+    ord("H") if top & 0b010 or top & 0b101 == 0b100 else ord("F") if top & 0b101 == 0b101 else ord("-")
+    for top in (byte >> 5 for byte in range(256))
+)
 
 
 def drop_file_pages(tensor: torch.Tensor) -> bool:
     """Drop the pages that a CPU tensor's elements span (a view's too: from its first element to its
     last) from this process when every one of them is backed by a file (or not present): True if
     they were. A page written since it was mapped (copy-on-write: anonymous memory) is never dropped,
-    nor is memory of any other kind: it would lose data. Linux only (False elsewhere)."""
+    nor is memory of any other kind: it would lose data. The file's pages around them go too, where
+    they can (_drop_around). Linux only (False elsewhere)."""
     if sys.platform != "linux" or tensor.device.type != "cpu" or tensor.numel() == 0:
         return False
     if any(stride < 0 for stride in tensor.stride()):
@@ -33,10 +44,24 @@ def drop_file_pages(tensor: torch.Tensor) -> bool:
     # every page the elements touch, the first and last shared with neighbours included: a neighbour's
     # page dropped too comes back from the file when it is read
     start, end = first // page * page, -(-(first + span * tensor.element_size()) // page) * page
-    entries = _pagemap(start, end)
-    if entries is None or _hold_data(entries) or not bool(((entries < 0) & ((entries & _FILE) != 0)).any()):
+    kinds = _page_kinds(start, end)
+    if kinds is None or b"H" in kinds or b"F" not in kinds:
         return False  # some page is anonymous (or swapped), or none is mapped from a file
+    _drop_around(start, end)
     return _madvise_dontneed(start, end)
+
+
+def _drop_around(start: int, end: int) -> None:
+    """Drop the pages within LARGE_FOLIO before and after [start, end), in the mapping of the file that
+    holds it, where none of them holds data of its own: reading the range mapped them (a fault maps a
+    file's large folio whole), and the neighbours they belong to may be done with already."""
+    mapping = _file_mapping(start)
+    if mapping is None or end <= start:
+        return
+    for lo, hi in ((max(mapping[0], start - LARGE_FOLIO), start), (end, min(mapping[1], end + LARGE_FOLIO))):
+        kinds = _page_kinds(lo, hi)
+        if kinds is not None and b"H" not in kinds and b"F" in kinds:
+            _madvise_dontneed(lo, hi)
 
 
 def backed_by_file(tensor: torch.Tensor) -> bool:
@@ -45,8 +70,8 @@ def backed_by_file(tensor: torch.Tensor) -> bool:
     swapped out. Dropping them (drop_inner_pages) loses nothing. Linux only (False elsewhere)."""
     if sys.platform != "linux" or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return False
-    entries = _pagemap(*_inner_pages(tensor))
-    return entries is not None and not _hold_data(entries)
+    kinds = _page_kinds(*_inner_pages(tensor))
+    return kinds is not None and b"H" not in kinds
 
 
 def drop_inner_pages(tensor: torch.Tensor) -> bool:
@@ -61,26 +86,59 @@ def _inner_pages(tensor: torch.Tensor) -> tuple[int, int]:
     return -(-first // page) * page, (first + tensor.numel() * tensor.element_size()) // page * page
 
 
-def _pagemap(start: int, end: int) -> torch.Tensor | None:
-    """/proc/self/pagemap's entries for the pages of [start, end); None when there are none or it
-    cannot be read."""
+def _page_kinds(start: int, end: int) -> bytes | None:
+    """What each page of [start, end) is (_PAGE_KINDS: one byte a page), from /proc/self/pagemap; None
+    when there are none or it cannot be read."""
     page = mmap.PAGESIZE
     if end <= start:
         return None
     try:
-        with open("/proc/self/pagemap", "rb") as f:
-            f.seek(start // page * 8)
-            raw = f.read((end - start) // page * 8)
+        raw = os.pread(_pagemap(), (end - start) // page * 8, start // page * 8)
     except OSError:
         return None
-    entries = torch.frombuffer(bytearray(raw), dtype=torch.int64)
-    return entries if entries.numel() == (end - start) // page else None
+    return raw[7::8].translate(_PAGE_KINDS) if len(raw) == (end - start) // page * 8 else None
 
 
-def _hold_data(entries: torch.Tensor) -> bool:
-    """Whether any of the pages holds data the file does not: present and anonymous, or swapped."""
-    present, swapped, file = entries < 0, (entries & _SWAPPED) != 0, (entries & _FILE) != 0  # bit 63: present
-    return bool((swapped | (present & ~file)).any())
+_file_mappings: tuple[list[int], list[int]] = ([], [])  # starts and ends of this process's mapped files
+
+
+def _file_mapping(address: int) -> tuple[int, int] | None:
+    """[start, end) of the mapping of a file that holds address, from /proc/self/maps (read again when
+    address is in none of those read before); None when no file's mapping holds it."""
+    global _file_mappings
+    for reread in (False, True):
+        if reread:
+            _file_mappings = _read_file_mappings()
+        starts, ends = _file_mappings
+        at = bisect.bisect_right(starts, address) - 1
+        if at >= 0 and address < ends[at]:
+            return starts[at], ends[at]
+    return None
+
+
+def _read_file_mappings() -> tuple[list[int], list[int]]:
+    found = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 6 and fields[4] != "0":  # an inode: a file
+                    start, end = fields[0].split("-")
+                    found.append((int(start, 16), int(end, 16)))
+    except OSError:
+        return [], []
+    return [start for start, _ in found], [end for _, end in found]
+
+
+_pagemap_fd: tuple[int, int] = (-1, -1)  # (pid, fd): /proc/self is the process that opened it
+
+
+def _pagemap() -> int:
+    """This process's /proc/self/pagemap, opened once (again in a forked child)."""
+    global _pagemap_fd
+    if _pagemap_fd[0] != os.getpid():
+        _pagemap_fd = (os.getpid(), os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC))
+    return _pagemap_fd[1]
 
 
 def _madvise_dontneed(start: int, end: int) -> bool:

@@ -21,6 +21,7 @@ and the last stage's copy of the tied embedding, lm_head.weight, to the tensor t
 """
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ from tpshard.config import GPTConfig
 from tpshard.errors import TpshardError
 from tpshard.files.atomic import atomic_directory, file_status
 from tpshard.files.checkpoint import MIN_TENSORS_PER_LAYER, config_from_model_args, is_text, training_record
+from tpshard.files.digests import MANIFEST, MAX_MANIFEST_BYTES, FileHash, take
 from tpshard.files.tensorfile import (
     DTYPE_NAMES,
     DTYPES,
@@ -40,8 +42,7 @@ from tpshard.files.tensorfile import (
     Progress,
     open_safetensors,
     read_tensors,
-    sha256_file,
-    write_safetensors,
+    write_safetensors_files,
 )
 from tpshard.parallel import plan
 from tpshard.parallel.grid import ParallelDims, Stages
@@ -49,13 +50,14 @@ from tpshard.parallel.grid import ParallelDims, Stages
 FORMAT = "tpshard"
 FORMAT_VERSION = 1  # one stage
 PIPELINE_FORMAT_VERSION = 2  # several stages
-MANIFEST = "manifest.json"
-MAX_MANIFEST_BYTES = 64 << 20  # a 1000-layer model's manifest is about 1 MB
 # The names a shipped tokenizer gets (never the user's: a tokenizer called rank0-of-2.safetensors or
 # manifest.json would overwrite a file of the set, and one called chars.pkl would not be found again).
 CHAR_TOKENIZER = "meta.pkl"  # nanoGPT's char vocabulary, named as sample.py looks for it
 BPE_TOKENIZER = "tokenizer.tiktoken"  # a tiktoken ranks file
 SHIPPED_TOKENIZERS = (CHAR_TOKENIZER, BPE_TOKENIZER)
+# Rank files written side by side (tensorfile.write_safetensors_files), each hashed on a thread of its
+# own: one per core, up to 4 (beyond that the one thread that copies the pieces out is the limit).
+FILES_AT_ONCE = min(4, os.cpu_count() or 1)
 
 
 def rank_file_name(rank: int, world_size: int) -> str:
@@ -139,10 +141,12 @@ class Manifest:
     def unshard(self, name: str, pieces: list[torch.Tensor]) -> torch.Tensor:
         return plan.unshard(name, pieces, self.vocab_parallel, self.config.vocab_size)
 
-    def dense_bytes(self) -> int:
-        """The dense model's bytes (the last stage's copy of the tied embedding left out)."""
-        tensors = (t for name, t in self.tensors.items() if name not in plan.TIED)
-        return sum(self.dtype.itemsize * int(torch.Size(t["shape"]).numel()) for t in tensors)
+    def dense_bytes(self, *, tied_twice: bool = False) -> int:
+        """The dense model's bytes (the last stage's copy of the tied embedding left out); with
+        tied_twice, the tied embedding counted again, as a DCP export stores it (lm_head too)."""
+        names = [name for name in self.tensors if name not in plan.TIED]
+        names += [source for source in plan.TIED.values() if tied_twice]
+        return sum(self.dtype.itemsize * int(torch.Size(self.tensors[name]["shape"]).numel()) for name in names)
 
 
 def tensor_table(config: GPTConfig, vocab_parallel: bool = False, pp: int = 1) -> dict[str, dict]:
@@ -151,6 +155,20 @@ def tensor_table(config: GPTConfig, vocab_parallel: bool = False, pp: int = 1) -
         name: {"rule": plan.rule_for(name, vocab_parallel).value, "shape": list(shape)}
         for name, shape in shapes.items()
     }
+
+
+def _metadata(manifest: Manifest, rank: int) -> dict[str, str]:
+    """What a rank file's own header says of it."""
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(manifest.format_version),
+        "rank": str(rank),
+        "tp_size": str(manifest.tp_size),
+    }
+    if manifest.grid.pp > 1:
+        stage, tp_rank = manifest.grid.coordinates(rank)
+        metadata |= {"pp_size": str(manifest.grid.pp), "stage": str(stage), "tp_rank": str(tp_rank)}
+    return metadata
 
 
 def write_shard_set(
@@ -163,32 +181,27 @@ def write_shard_set(
     tokenizer_file: Path | None = None,
     tokenizer_name: str | None = None,
     progress: Progress | None = None,
+    before_rename: Callable[[], None] | None = None,
 ) -> Manifest:
-    """Write every rank's file from piece(name, rank), then the manifest, atomically.
-    describe_source runs last, so that hashing the source can overlap the writing. tokenizer_file is
-    copied in as tokenizer_name, one of SHIPPED_TOKENIZERS (the caller knows which kind it is)."""
+    """Write every rank's file from piece(name, rank), FILES_AT_ONCE side by side, then the manifest,
+    atomically (before_rename, if given, runs last: what it raises leaves out_dir unchanged).
+    describe_source runs after the rank files, so that hashing the source can overlap the writing.
+    tokenizer_file is copied in as tokenizer_name, one of SHIPPED_TOKENIZERS (the caller knows which
+    kind it is)."""
     manifest.grid.check(manifest.config)
     if tokenizer_file is not None and tokenizer_name not in SHIPPED_TOKENIZERS:
         raise ValueError(f"a shipped tokenizer is named one of {SHIPPED_TOKENIZERS}, not {tokenizer_name!r}")
-    with atomic_directory(out_dir, force) as tmp:
+    with atomic_directory(out_dir, force, before_rename) as tmp:
         manifest.files = []
-        for rank in range(manifest.grid.world_size):
-            stage, tp_rank = manifest.grid.coordinates(rank)
-            name = rank_file_name(rank, manifest.grid.world_size)
-            metadata = {
-                "format": FORMAT,
-                "format_version": str(manifest.format_version),
-                "rank": str(rank),
-                "tp_size": str(manifest.tp_size),
-            }
-            if manifest.grid.pp > 1:
-                metadata |= {"pp_size": str(manifest.grid.pp), "stage": str(stage), "tp_rank": str(tp_rank)}
-            produce = lambda n, r=rank: piece(n, r)  # noqa: E731
-            digest = write_safetensors(tmp / name, manifest.layout(rank), produce, metadata, progress)
-            size = (tmp / name).stat().st_size
-            manifest.files.append(
-                {"rank": rank, "stage": stage, "tp_rank": tp_rank, "file": name, "bytes": size, "sha256": digest}
-            )
+        ranks = list(range(manifest.grid.world_size))
+        for first in range(0, len(ranks), FILES_AT_ONCE):
+            group = ranks[first : first + FILES_AT_ONCE]
+            files = [(tmp / rank_file_name(r, len(ranks)), manifest.layout(r), _metadata(manifest, r)) for r in group]
+            hashes = write_safetensors_files(files, lambda i, name, group=group: piece(name, group[i]), progress)
+            for rank, (path, _, _), digest in zip(group, files, hashes, strict=True):
+                stage, tp_rank = manifest.grid.coordinates(rank)
+                entry = {"rank": rank, "stage": stage, "tp_rank": tp_rank, "file": path.name}
+                manifest.files.append(entry | {"bytes": path.stat().st_size, "sha256": digest})
         manifest.source = describe_source()
         manifest.tokenizer = None
         if tokenizer_file is not None:
@@ -390,22 +403,37 @@ class ShardSet:
     def tokenizer_path(self) -> Path | None:
         return self.directory / self.manifest.tokenizer if self.manifest.tokenizer else None
 
-    def check_file(self, rank: int, *, checksum: bool = True, progress: Progress | None = None) -> None:
+    def check_file(
+        self, rank: int, *, checksum: bool = True, progress: Progress | None = None, digest: FileHash | None = None
+    ) -> None:
         """Raise TpshardError unless rank's file is present, of its recorded size (and sha256), and its
-        safetensors header holds exactly the expected tensors and says it is this rank of this set."""
+        safetensors header holds exactly the expected tensors and says it is this rank of this set.
+        digest: the file's hash if one was begun already (digests.take)."""
         entry, path = self.manifest.files[rank], self.rank_path(rank)
         size, problem = file_status(path)
         if problem:
             raise TpshardError(f"{path}: rank {rank}'s shard file is {problem}")
         if size != entry["bytes"]:
             raise TpshardError(f"{path}: {size} bytes, the manifest records {entry['bytes']} (truncated or replaced)")
+        if checksum:
+            digest = digest or take(path)
+            digest.attach(progress)
+            self.check_sha256(rank, digest)
         try:
-            if checksum and sha256_file(path, progress) != entry["sha256"]:
-                raise TpshardError(f"{path}: sha256 differs from the manifest: the file is corrupt or was modified")
             with open_safetensors(path) as f:
                 self._check_header(f, path, rank)
         except OSError as e:
             raise TpshardError(f"{path}: cannot read rank {rank}'s shard file ({e.strerror})") from None
+
+    def check_sha256(self, rank: int, digest: FileHash) -> None:
+        """Raise TpshardError unless digest, of rank's file (waited for), is the manifest's sha256."""
+        path = self.rank_path(rank)
+        try:
+            found = digest.digest()
+        except OSError as e:
+            raise TpshardError(f"{path}: cannot read rank {rank}'s shard file ({e.strerror})") from None
+        if found != self.manifest.files[rank]["sha256"]:
+            raise TpshardError(f"{path}: sha256 differs from the manifest: the file is corrupt or was modified")
 
     def _check_header(self, f, path: Path, rank: int) -> None:
         meta = f.metadata() or {}

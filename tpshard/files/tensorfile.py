@@ -1,22 +1,26 @@
-"""safetensors files: the dtype table, a streaming writer that hashes as it writes, reading headers,
-sha256 of files, and TensorSource: tensors made one at a time, for the writers that stream."""
+"""safetensors files: the dtype table, OutputFile (every writer's way to the disk), a streaming safetensors
+writer that hashes as it writes, reading headers, and TensorSource: tensors made one at a time, for the
+writers that stream."""
 
+import errno
+import fcntl
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
-import threading
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from tpshard.errors import TpshardError
+from tpshard.files.digests import Progress
+from tpshard.files.digests import sha256_file as sha256_file  # where inspect and verify take it from
 from tpshard.files.pages import drop_file_pages, trim_free_memory
 
 # The one dtype table: the name tpshard uses (manifest, --dtype, reports), torch's dtype, safetensors' code.
@@ -31,8 +35,6 @@ DTYPE_NAMES = {dtype: name for name, dtype, _ in _TABLE}
 SAFETENSORS_CODES = {dtype: code for _, dtype, code in _TABLE}
 NAMES_BY_CODE = {code: name for name, _, code in _TABLE}
 
-CHUNK = 8 << 20
-Progress = Callable[[int], None]  # called with the number of bytes just done
 Layout = list[tuple[str, torch.dtype, tuple[int, ...]]]  # a file's tensors: name, dtype, shape, in order
 
 
@@ -65,151 +67,211 @@ def layout_of(tensors: Mapping[str, torch.Tensor]) -> Layout:
     return [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
 
 
-def sha256_file(path: Path, progress: Progress | None = None) -> str:
-    digest = hashlib.sha256()
-    buffer = memoryview(bytearray(CHUNK))  # reused: a fresh 8 MB per read is page faults and munmaps
-    with open(path, "rb", buffering=0) as f:
-        while size := f.readinto(buffer):
-            digest.update(buffer[:size])
-            if progress:
-                progress(size)
-    return digest.hexdigest()
+# Every output file is written front to back through a few page-aligned buffers: the writers copy into them
+# (a tensor a block of rows at a time, whatever its strides: a view is never copied whole), and each full one
+# goes to the disk on a writer thread while the next fills, hashed on another thread first when the file's
+# sha256 is wanted. A large file goes from the buffers to the disk with O_DIRECT, where the file system takes
+# it: a write() through the page cache costs a second copy and a fresh page of memory for every 4 kB
+# written, which on a VM whose host takes back the memory its guest frees costs several times the disk's
+# own time (README, "Models bigger than memory"), and a large output cached whole pushes out of the cache
+# the input it is made from. A small one is worth its cache: the next command reads it from there.
+BUFFER_BYTES = 1 << 20
+BUFFERS = 4
+ALIGN = 4096  # O_DIRECT's unit for addresses, lengths and offsets: a multiple of every common block size
+DIRECT_BYTES = 256 << 20  # outputs from this size on bypass the page cache
 
 
-class BackgroundHash:
-    """sha256 of a file computed on another thread while the main one works (hashlib and file reads
-    release the GIL, so the two cores share the work)."""
+class OutputFile:
+    """A new file, written front to back through BUFFERS page-aligned buffers of BUFFER_BYTES: write()
+    and write_tensor() fill them, and each full one goes out on a writer thread while the next fills
+    (hashed on another one first, with sha256=True). size, about the bytes it will hold: from
+    DIRECT_BYTES on, O_DIRECT where the file system takes it. close() writes the last, partial buffer,
+    fsyncs and returns the sha256 (None without). Also a file object for torch's own writers: tell(),
+    fileno(), and a flush() that does nothing (the buffers go out as they fill, the last at close)."""
 
-    def __init__(self, path: Path):
-        self.result: str | None = None
-        self.error: OSError | None = None
-        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True)
-        self._thread.start()
+    def __init__(self, path: Path, *, sha256: bool = False, size: int = 0):
+        self._fd, self._direct = _open_for_writing(Path(path), direct=size >= DIRECT_BYTES)
+        # page-aligned, as O_DIRECT needs; touched at once, so that a file's memory is the same however
+        # much it holds
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        self._memory = mmap.mmap(-1, BUFFERS * BUFFER_BYTES, flags=flags)
+        self._bytes = torch.frombuffer(self._memory, dtype=torch.uint8)
+        self._view = memoryview(self._memory)
+        self._scratch = torch.empty(BUFFER_BYTES, dtype=torch.uint8)  # a transposed block; a row across two buffers
+        self._turn, self._fill, self._told = 0, 0, 0  # the buffer being filled, the bytes in it, the bytes so far
+        self._pending: list[list[Future]] = [[] for _ in range(BUFFERS)]  # each buffer's hash and write
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpshard-write")
+        self._digest = hashlib.sha256() if sha256 else None
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpshard-hash") if sha256 else None
+        self._closed = False
+        self._result: str | None = None
 
-    def _run(self, path: Path) -> None:
+    def __enter__(self) -> "OutputFile":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            self.close()
+        elif not self._closed:  # failed: the caller removes the file
+            self._closed = True
+            self._shutdown()
+
+    def write(self, data: object) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            n = min(BUFFER_BYTES - self._fill, len(view) - done)
+            start = self._turn * BUFFER_BYTES + self._fill
+            self._view[start : start + n] = view[done : done + n]
+            self._advance(n)
+            done += n
+        return len(view)
+
+    def write_tensor(self, tensor: torch.Tensor) -> None:
+        """A CPU tensor's elements in row-major order, whatever its strides: a transposed or cut view is
+        read where it lies, a block of rows at a time, straight into the buffers."""
+        if tensor.is_contiguous():
+            self._write_bytes(tensor.reshape(-1).view(torch.uint8))
+            return
+        rows, size = tensor.shape[0], tensor.element_size()
+        row = size * math.prod(tensor.shape[1:])
+        if row > BUFFER_BYTES:  # a row larger than a buffer: row by row, each cut further
+            for r in range(rows):
+                self.write_tensor(tensor[r])
+            return
+        start = 0
+        while start < rows:
+            fit = (BUFFER_BYTES - self._fill) // row if self._fill % size == 0 else 0
+            if fit:
+                k = min(fit, rows - start)
+                block = self._free(k * row).view(tensor.dtype).view(k, *tensor.shape[1:])
+                _copy_block(block, tensor[start : start + k], self._scratch)
+                self._advance(k * row)
+            else:  # no whole row before this buffer's end: one row through the scratch buffer
+                k = 1
+                self._scratch[:row].view(tensor.dtype).view(tensor.shape[1:]).copy_(tensor[start])
+                self._write_bytes(self._scratch[:row])
+            start += k
+
+    def _write_bytes(self, flat: torch.Tensor) -> None:
+        done = 0
+        while done < flat.numel():
+            n = min(BUFFER_BYTES - self._fill, flat.numel() - done)
+            self._free(n).copy_(flat[done : done + n])
+            self._advance(n)
+            done += n
+
+    def _free(self, n: int) -> torch.Tensor:
+        """The next n bytes of the buffer being filled (n at most what is left of it)."""
+        start = self._turn * BUFFER_BYTES + self._fill
+        return self._bytes[start : start + n]
+
+    def _advance(self, n: int) -> None:
+        self._fill += n
+        self._told += n
+        if self._fill == BUFFER_BYTES:
+            self._send()
+
+    def _send(self) -> None:
+        """Hand the full buffer to the hasher and the writer, and make the next one ready to fill."""
+        turn = self._turn
+        chunk = self._view[turn * BUFFER_BYTES : (turn + 1) * BUFFER_BYTES]
+        if self._hasher is not None:
+            assert self._digest is not None
+            self._pending[turn].append(self._hasher.submit(self._digest.update, chunk))
+        self._pending[turn].append(self._writer.submit(self._write_out, chunk))
+        self._turn, self._fill = (turn + 1) % BUFFERS, 0
+        for job in self._pending[self._turn]:  # its last hash and write done before it is filled again
+            job.result()
+        self._pending[self._turn] = []
+
+    def _write_out(self, view: memoryview) -> None:
+        while view:
+            try:
+                view = view[os.write(self._fd, view) :]
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self._direct:
+                    raise
+                self._set_direct(False)  # O_DIRECT taken at open and refused now (after a short write, say)
+
+    def _set_direct(self, on: bool) -> None:
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+        self._direct = on
+
+    def close(self) -> str | None:
+        """Write what is left, fsync; the file's sha256 (None without sha256=True). Once; again, the same."""
+        if self._closed:
+            return self._result
+        self._closed = True
         try:
-            self.result = sha256_file(path)
+            for jobs in self._pending:
+                for job in jobs:
+                    job.result()
+            tail = self._view[self._turn * BUFFER_BYTES : self._turn * BUFFER_BYTES + self._fill]
+            if self._digest is not None:
+                self._digest.update(tail)
+            if self._direct and len(tail) % ALIGN:
+                self._set_direct(False)  # the last block is partial
+            self._write_out(tail)
+            os.fsync(self._fd)
+        finally:
+            self._shutdown()
+        self._result = self._digest.hexdigest() if self._digest is not None else None
+        return self._result
+
+    def _shutdown(self) -> None:
+        for pool in (self._writer, self._hasher):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        os.close(self._fd)
+
+    def tell(self) -> int:
+        return self._told
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def flush(self) -> None:
+        pass
+
+
+def _open_for_writing(path: Path, *, direct: bool) -> tuple[int, bool]:
+    """A new (or truncated) file open for writing, and whether with O_DIRECT (if asked for, and taken)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o666), True
         except OSError as e:
-            self.error = e
-
-    def get(self) -> str:
-        self._thread.join()
-        if self.error is not None:
-            raise TpshardError(f"{self.error.filename}: cannot read to hash it ({self.error.strerror})")
-        assert self.result is not None
-        return self.result
+            if e.errno != errno.EINVAL:  # EINVAL: a file system without O_DIRECT
+                raise
+    return os.open(path, flags, 0o666), False
 
 
-# Every write of tensor data goes through a small staging buffer, filled just before it is written.
-# Measured on this project's machine (a VM, 2 cores): write() straight from a large tensor moves 0.13-0.5
-# GB/s, nearly all of it the kernel's copy out of user memory that is not in the cache; the same bytes
-# copied into a 1 MB buffer first and written from there, 1-1.5 GB/s (the extra copy, in user space,
-# runs at 3.5 GB/s). It also means a view (a transposed weight, a column cut) is written where it lies,
-# a stage at a time, never copied whole first.
-STAGE_BYTES = 1 << 20
-
-
-class Staging:
-    """The staging buffers that a writer's chunks are copied into, used in turn: with two, one can be
-    hashed on another thread while the next is filled and written."""
-
-    def __init__(self, count: int = 1, nbytes: int = STAGE_BYTES):
-        self.buffers = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(count)]
-        self.views = [memoryview(b.numpy()) for b in self.buffers]
-        self.nbytes = nbytes
-        self.scratch = torch.empty(nbytes, dtype=torch.uint8)  # a transposed block's columns, gathered
-        self._turn = 0
-
-    def next(self) -> tuple[torch.Tensor, memoryview]:
-        turn, self._turn = self._turn, (self._turn + 1) % len(self.buffers)
-        return self.buffers[turn], self.views[turn]
-
-
-def tensor_chunks(tensor: torch.Tensor, staging: Staging) -> Iterator[memoryview]:
-    """A CPU tensor's bytes in row-major order, at most a stage at a time, each chunk copied into the
-    next staging buffer and yielded as a view of it (valid until that buffer comes round again). Any
-    strides: a transposed or cut view is read where it lies, a block of rows at a time."""
-    if tensor.is_contiguous():
-        flat = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        for start in range(0, len(flat), staging.nbytes):
-            _, view = staging.next()
-            n = min(staging.nbytes, len(flat) - start)
-            view[:n] = flat[start : start + n]
-            yield view[:n]
+def _copy_block(dst: torch.Tensor, src: torch.Tensor, scratch: torch.Tensor) -> None:
+    """dst.copy_(src); a transposed matrix (stride (1, n): an HF Conv1D weight, say) by way of scratch:
+    its columns gathered there (rows of a few contiguous elements each), then transposed into dst by
+    torch's blocked transpose. Copied straight from the strided view, it is read one element per cache
+    line, several times slower."""
+    if src.dim() != 2 or src.stride(0) != 1 or src.shape[0] == 1:
+        dst.copy_(src)
         return
-    if tensor.dim() == 2 and tensor.stride(0) == 1 and tensor.shape[0] > 1:
-        yield from _transposed_chunks(tensor, staging)
-        return
-    row = tensor.element_size() * math.prod(tensor.shape[1:])
-    if row > staging.nbytes:  # a row larger than a stage: row by row, each cut further
-        for r in range(tensor.shape[0]):
-            yield from tensor_chunks(tensor[r], staging)
-        return
-    step = staging.nbytes // row
-    for start in range(0, tensor.shape[0], step):
-        block = tensor[start : start + step]
-        buffer, view = staging.next()
-        n = block.numel()
-        buffer.view(tensor.dtype)[:n].view(block.shape).copy_(block)
-        yield view[: n * tensor.element_size()]
-
-
-def _transposed_chunks(tensor: torch.Tensor, staging: Staging) -> Iterator[memoryview]:
-    """tensor_chunks of a transposed matrix (stride (1, n): an HF Conv1D weight, say): a block of its
-    rows is a block of columns of the matrix it views, gathered into the scratch buffer (rows of a few
-    contiguous elements each), then transposed into the stage by torch's blocked transpose. Copying the
-    block straight from the strided view reads one element per cache line, 4-20x slower (measured)."""
-    rows, cols = tensor.shape
-    source = tensor.t()  # (cols, rows), its rows contiguous
-    if cols * tensor.element_size() > staging.nbytes:
-        for r in range(rows):
-            yield from tensor_chunks(tensor[r], staging)
-        return
-    step = staging.nbytes // (cols * tensor.element_size())
-    for start in range(0, rows, step):
-        k = min(step, rows - start)
-        gathered = staging.scratch.view(tensor.dtype)[: cols * k].view(cols, k)
-        gathered.copy_(source[:, start : start + k])
-        buffer, view = staging.next()
-        buffer.view(tensor.dtype)[: cols * k].view(k, cols).copy_(gathered.t())
-        yield view[: cols * k * tensor.element_size()]
+    gathered = scratch.view(src.dtype)[: src.numel()].view(src.shape[1], src.shape[0])
+    gathered.copy_(src.t())
+    dst.copy_(gathered.t())
 
 
 @contextmanager
 def one_thread() -> Iterator[None]:
-    """torch on one thread while a file is written: the copies a writer makes (a stage, a piece put
-    together) are a megabyte or a few, memory-bound, and on two threads each ends at a barrier that
-    waits for the other; on this project's shared 2-core machine (a hasher thread on the other core)
-    a transposed stage copied 2.1-2.7 GB/s on one thread, 0.3-0.8 GB/s on two (measured)."""
+    """torch on one thread while a file is written: the copies a writer makes (a block of a buffer, a
+    piece put together) are a megabyte or a few, memory-bound, and on two threads each ends at a barrier
+    that waits for the other, while the hasher and writer threads want the other core."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-class StagedFile:
-    """A binary file whose large writes go through a staging buffer (see STAGE_BYTES): what torch's
-    own writers (torch.save's zip writer, DCP's) are handed, since they write each record whole."""
-
-    def __init__(self, file: BinaryIO, staging: Staging | None = None):
-        self.file = file
-        self.staging = staging or Staging()
-
-    def write(self, data: object) -> int:
-        view = memoryview(data).cast("B")
-        if len(view) <= self.staging.nbytes:
-            return self.file.write(view)
-        for start in range(0, len(view), self.staging.nbytes):
-            _, stage = self.staging.next()
-            n = min(self.staging.nbytes, len(view) - start)
-            stage[:n] = view[start : start + n]
-            self.file.write(stage[:n])
-        return len(view)
-
-    def __getattr__(self, name: str) -> object:  # tell, seek, flush, fileno, close: the file's own
-        return getattr(self.file, name)
 
 
 def write_safetensors(
@@ -222,15 +284,55 @@ def write_safetensors(
     sha256: bool = True,
 ) -> str | None:
     """Write a safetensors file one tensor at a time, and return its sha256 (None when sha256=False:
-    a dense output, which nothing records the hash of).
+    a dense output, which nothing records the hash of). produce(name) gives each tensor of the layout,
+    in its shape or in any other that holds its elements in row-major order (a q, k, v piece as
+    (3, rows, ...), a view of the dense tensor).
 
     Hand-written because safetensors' save_file takes every tensor of a file at once (a whole rank in
     memory) and cannot hash while it writes; the format itself is a JSON header and raw bytes. Each
-    tensor goes out through the staging buffers (tensor_chunks: a view is never copied whole), each
-    chunk hashed on a second thread while the next is filled and written (hashlib releases the GIL);
-    its memory-mapped pages (a piece that is a view of its source) are dropped once it is written, so
-    that the process holds about one tensor, not the file.
+    tensor is copied into the OutputFile's buffers (a view a block at a time, never copied whole), which
+    are hashed and written on other threads; its memory-mapped pages (a piece that is a view of its
+    source) are dropped once copied, so that the process holds about one tensor, not the file.
     """
+    files = [(path, layout, metadata)]
+    return write_safetensors_files(files, lambda _, name: produce(name), progress, sha256=sha256)[0]
+
+
+SafetensorsFile = tuple[Path, Layout, dict[str, str]]  # where, its tensors, its metadata
+
+
+def write_safetensors_files(
+    files: list[SafetensorsFile],
+    produce: Callable[[int, str], torch.Tensor],
+    progress: Progress | None = None,
+    *,
+    sha256: bool = True,
+) -> list[str | None]:
+    """write_safetensors of several files side by side, produce(i, name) giving the tensors of files[i]:
+    the first tensor of each file in turn, then the second, ..., so that each file's hash (a sequence
+    that cannot be split) runs on a thread of its own at the same time as the others'; and the pieces
+    that a split or reshard cuts from one tensor for each rank are read one after the other."""
+    headers = [_header(layout, metadata) for _, layout, metadata in files]
+    sizes = [len(header) + sum(dtype.itemsize * math.prod(shape) for _, dtype, shape in layout)
+             for header, (_, layout, _) in zip(headers, files, strict=True)]
+    with ExitStack() as files_open, one_thread():
+        outs = [
+            files_open.enter_context(OutputFile(path, sha256=sha256, size=size))
+            for (path, _, _), size in zip(files, sizes, strict=True)
+        ]
+        for out, header in zip(outs, headers, strict=True):
+            out.write(header)
+        for position in range(max(len(layout) for _, layout, _ in files)):
+            for index, (out, (_, layout, _)) in enumerate(zip(outs, files, strict=True)):
+                if position < len(layout):
+                    name, dtype, shape = layout[position]
+                    _write_out(out, produce(index, name), (name, dtype, shape), progress)
+        return [out.close() for out in outs]
+
+
+def _header(layout: Layout, metadata: dict[str, str]) -> bytes:
+    """A safetensors file's 8-byte length and JSON header, padded so that the data is aligned as
+    safetensors aligns it."""
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name, dtype, shape in layout:
@@ -238,36 +340,27 @@ def write_safetensors(
         entry = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         header[name] = entry
         offset += size
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)  # align the data, as safetensors does
-    digest = hashlib.sha256() if sha256 else None
-    prefix = struct.pack("<Q", len(header_bytes)) + header_bytes
-    staging = Staging(2 if digest else 1)
-    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as hasher, one_thread():
-        f.write(prefix)
-        if digest is not None:
-            digest.update(prefix)
-        hashed = None  # the hash of the last chunk written, running: its buffer is not filled again before it ends
-        for name, dtype, shape in layout:
-            tensor = produce(name)
-            assert tensor.dtype == dtype and tuple(tensor.shape) == tuple(shape), name
-            for chunk in tensor_chunks(tensor, staging):
-                f.write(chunk)
-                if digest is not None:
-                    if hashed is not None:
-                        hashed.result()
-                    hashed = hasher.submit(digest.update, chunk)
-            size = tensor.numel() * tensor.element_size()
-            if progress:
-                progress(size)
-            drop_file_pages(tensor)  # written (the hasher reads the staging buffers, not the tensor)
-            del tensor  # before the next is made: the allocator reuses its memory
-            trim_free_memory(size)
-        if hashed is not None:
-            hashed.result()
-        f.flush()
-        os.fsync(f.fileno())
-    return digest.hexdigest() if digest else None
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _write_out(
+    out: OutputFile, tensor: torch.Tensor, entry: tuple[str, torch.dtype, tuple[int, ...]], progress: Progress | None
+) -> None:
+    """One tensor of the layout (entry) into out: in its shape, or in one that holds the same elements
+    in order. Then its memory-mapped pages dropped (the buffers are written and hashed, not the tensor),
+    or, one made in memory, its memory handed back (trim_free_memory)."""
+    name, dtype, shape = entry
+    assert tensor.dtype == dtype and tensor.numel() == math.prod(shape), name
+    out.write_tensor(tensor)
+    size = tensor.numel() * tensor.element_size()
+    if progress:
+        progress(size)
+    made = not drop_file_pages(tensor)
+    del tensor  # before the next is made: the allocator reuses its memory
+    if made:
+        trim_free_memory(size)
 
 
 @contextmanager
@@ -281,9 +374,15 @@ def open_safetensors(path: Path) -> Iterator:
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, memory-mapped."""
+    """Every tensor of a safetensors file, memory-mapped, with the pages that making it mapped (its
+    first bytes are read) dropped at once: what the kernel maps around them (a large folio, up to
+    2 MB) would otherwise stay mapped for the whole file, tensor after tensor."""
+    tensors = {}
     with open_safetensors(path) as f:
-        return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not iterable)
+        for name in f.keys():  # noqa: SIM118 (not iterable)
+            tensors[name] = f.get_tensor(name)
+            drop_file_pages(tensors[name])
+    return tensors
 
 
 def data_offsets(path: Path) -> dict[str, int]:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from tpshard.files.pages import drop_file_pages, trim_free_memory
-from tpshard.files.tensorfile import Progress, StagedFile, one_thread
+from tpshard.files.tensorfile import OutputFile, Progress, one_thread
 
 _STORAGE_TYPES = torch.storage._dtype_to_storage_type_map()  # torch.float32 -> "FloatStorage", ...
 
@@ -93,11 +93,12 @@ def save_streamed(obj: object, path: Path, progress: Progress | None = None) -> 
     pickled = buffer.getvalue()
     alignment = str(torch.serialization._get_storage_alignment())
     # PyTorch's writer on a file opened here (as torch.save opens one it is given, not a path): the
-    # archive's folder is "archive", not named after the temporary file it is written as
-    # writes through a staging buffer (tensorfile.StagedFile): the zip writer hands over each record whole
+    # archive's folder is "archive", not named after the temporary file it is written as; an OutputFile,
+    # which copies each record the zip writer hands over whole into its buffers
+    size = sum(item.dtype.itemsize * math.prod(item.shape) for _, item in pickler.records)
     with (
-        open(path, "wb") as file,
-        torch.serialization._open_zipfile_writer(StagedFile(file)) as writer,
+        OutputFile(path, size=size) as file,
+        torch.serialization._open_zipfile_writer(file) as writer,
         one_thread(),
     ):
         writer.write_record("data.pkl", pickled, len(pickled))
@@ -112,9 +113,10 @@ def save_streamed(obj: object, path: Path, progress: Progress | None = None) -> 
             size = data.numel() * data.element_size()
             _write_bytes(writer, f"data/{key}", data, size)
             del data
-            drop_file_pages(tensor)
+            made = not drop_file_pages(tensor)  # else a view of a mapped file: nothing to free
             del tensor  # before the next is made: one tensor alive at a time
-            trim_free_memory(size)  # the writer's own small allocations pin the freed memory otherwise
+            if made:
+                trim_free_memory(size)  # the writer's own small allocations pin the freed memory otherwise
             if progress:
                 progress(size)
 
