@@ -20,8 +20,8 @@ watches each child from outside:
                 for writing those bytes on this disk, the median of 3 runs right after the command.
     floor       `python -c "import torch"` + cp + fsync: the floor for any Python tool that writes them.
 
-Every command's input is in the page cache when it starts (split's checkpoint is read through once
-first; the others read what was just written), as the floor's cp reads a file just written.
+Every command's input is in the page cache when it starts, and so is the output when the floor's cp
+reads it: each is read through once first (tpshard writes large outputs past the page cache, O_DIRECT).
 
 Targets (issue 16): peak anon at most 0.25x the model's bytes for every command; wall time at most 1.5x
 the floor (for verify, which writes nothing, the floor is import torch alone: its ratio is reported,
@@ -142,31 +142,45 @@ def remove(path: Path) -> None:
 # --- the run --------------------------------------------------------------------------------------------
 
 
-def commands(ckpt: Path) -> list[tuple[str, list[str], Path | None, Path | None]]:
-    """(name, argv, output, an output to remove once measured) in run order: split first (the others read it)."""
+def commands(ckpt: Path) -> list[tuple[str, list[str], list[Path], Path | None, Path | None]]:
+    """(name, argv, inputs, output, an output to remove once measured) in run order: split first (the
+    others read it)."""
     tpshard = [sys.executable, "-m", "tpshard"]
     shards, d = ckpt.parent / "shards", ckpt.parent
     check = ["--batch", "1", "--random-tokens", "16", "--tokens", "4"]
+    merged = [(fmt, d / name) for fmt, name in (("pt", "merged.pt"), ("safetensors", "merged.safetensors"))]
+    merged += [(fmt, d / fmt) for fmt in ("hf", "dcp")]
     return [
-        ("split --tp 2", [*tpshard, "split", str(ckpt), "--tp", "2", "-o", str(shards)], shards, None),
-        ("merge (pt)", [*tpshard, "merge", str(shards), "-o", str(d / "merged.pt")], d / "merged.pt", d / "merged.pt"),
-        (
-            "merge (safetensors)",
-            [*tpshard, "merge", str(shards), "-o", str(d / "merged.safetensors"), "--format", "safetensors"],
-            d / "merged.safetensors",
-            d / "merged.safetensors",
+        ("split --tp 2", [*tpshard, "split", str(ckpt), "--tp", "2", "-o", str(shards)], [ckpt], shards, None),
+        *(
+            (f"merge ({fmt})", [*tpshard, "merge", str(shards), "-o", str(out), "--format", fmt], [shards], out, out)
+            for fmt, out in merged
         ),
-        ("merge (hf)", [*tpshard, "merge", str(shards), "-o", str(d / "hf"), "--format", "hf"], d / "hf", d / "hf"),
         (
-            "merge (dcp)",
-            [*tpshard, "merge", str(shards), "-o", str(d / "dcp"), "--format", "dcp"],
-            d / "dcp",
-            d / "dcp",
+            "reshard --tp 4",
+            [*tpshard, "reshard", str(shards), "--tp", "4", "-o", str(d / "tp4")],
+            [shards],
+            d / "tp4",
+            d / "tp4",
         ),
-        ("reshard --tp 4", [*tpshard, "reshard", str(shards), "--tp", "4", "-o", str(d / "tp4")], d / "tp4", d / "tp4"),
-        ("verify --against", [*tpshard, "verify", str(shards), "--against", str(ckpt), *check], None, None),
-        ("verify (merged in memory)", [*tpshard, "verify", str(shards), *check], None, shards),
+        (
+            "verify --against",
+            [*tpshard, "verify", str(shards), "--against", str(ckpt), *check],
+            [shards, ckpt],
+            None,
+            None,
+        ),
+        ("verify (merged in memory)", [*tpshard, "verify", str(shards), *check], [shards], None, shards),
     ]
+
+
+def warm(path: Path) -> None:
+    """Read every file under path (or path itself) through once, into the page cache."""
+    for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if file.is_file():
+            with open(file, "rb") as f:
+                while f.read(16 << 20):
+                    pass
 
 
 def main() -> None:
@@ -184,19 +198,18 @@ def main() -> None:
         quick = ["--quick"] if args.quick else []
         subprocess.run([sys.executable, __file__, "--build", str(ckpt), *quick], check=True)
     dense = model_bytes(shape)
-    # every command reads a warm input: the others read what the command before wrote, which is in the page
-    # cache; split's checkpoint is read through once first, as the floor's cp reads a file just written
-    with open(ckpt, "rb") as f:
-        while f.read(16 << 20):
-            pass
     torch_s = statistics.median(measure([sys.executable, "-c", "import torch"])["wall"] for _ in range(3))
     on_disk = ckpt.stat().st_size / 1e9
     print(f"{ckpt}: {on_disk:.2f} GB on disk, model {dense / 1e9:.2f} GB; import torch {torch_s:.2f} s")
     rows = []
     try:
-        for name, argv, output, done in commands(ckpt):
+        for name, argv, inputs, output, done in commands(ckpt):
+            for path in inputs:
+                warm(path)
             result = measure(argv)
             written = size(output) if output else 0
+            if output:
+                warm(output)  # as the command's input was
             floor = torch_s + (copy_floor(output) if output else 0.0)
             rows.append((name, result, written, floor))
             print(f"  {name}: {result['wall']:.1f} s", flush=True)

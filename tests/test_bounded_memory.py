@@ -99,19 +99,20 @@ def test_an_output_file_holds_the_tensors_bytes(direct: str, tmp_path: Path, mon
     its sha256 is the file's. With O_DIRECT, or without: a file system that refuses it when the file is
     opened, or only when it is written."""
     monkeypatch.setattr(tensorfile, "BUFFER_BYTES", 4096)
+    monkeypatch.setattr(tensorfile, "DIRECT_BUFFER_BYTES", 4096)
     monkeypatch.setattr(tensorfile, "BUFFERS", 2)
     monkeypatch.setattr(tensorfile, "DIRECT_BYTES", 0)  # every file large
     if direct == "refused at open":
         monkeypatch.delattr(os, "O_DIRECT")
     elif direct == "refused at a write":
-        real_write = os.write
+        real_writev = os.writev
 
-        def write(fd: int, data: bytes) -> int:
+        def writev(fd: int, buffers: list) -> int:
             if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
                 raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-            return real_write(fd, data)
+            return real_writev(fd, buffers)
 
-        monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(os, "writev", writev)
     gen = torch.Generator().manual_seed(3)
     views = [
         torch.randn(300, 70, generator=gen).t(),  # an HF Conv1D weight: the blocked transpose

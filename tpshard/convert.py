@@ -226,19 +226,19 @@ def mapped_pieces(shards: ShardSet) -> dict[str, list[torch.Tensor]]:
     return shards.load_pieces(list(range(shards.manifest.grid.world_size)), checksum=False)
 
 
-def dense_tensors(shards: ShardSet, *, one_at_a_time: bool = False) -> TensorSource:
+def dense_tensors(shards: ShardSet, *, reuse: bool = False) -> TensorSource:
     """A shard set's dense tensors, nanoGPT's names, each put together from its memory-mapped pieces
     only when asked for, and kept by no one here: a tensor split across ranks is copied out then and
     its pieces' pages released; a replicated one is rank 0's piece itself (a view of its file). With
-    one_at_a_time (a writer's, which is done with each tensor before it asks for the next), every
-    tensor is put together in the same memory, in place of the last: no fresh pages to fault in each
-    time. The last stage's copy of the tied embedding is checked first, then left out; lm_head.weight
-    is wte. The rank files are not checked here (RankFileChecks)."""
+    reuse (a writer's, done with each tensor once it has asked for the one after the next:
+    tensorfile.made_ahead), the tensors are put together in two blocks of memory in turn: no fresh
+    pages to fault in each time. The last stage's copy of the tied embedding is checked first, then
+    left out; lm_head.weight is wte. The rank files are not checked here (RankFileChecks)."""
     m = shards.manifest
     pieces = _untied(shards, mapped_pieces(shards))
     layout = [(name, m.dtype, tuple(m.tensors[name]["shape"])) for name in pieces]
     layout += [(tied, m.dtype, tuple(m.tensors[source]["shape"])) for tied, source in plan.TIED.items()]
-    reused = _Reused() if one_at_a_time else None
+    reused = _Reused() if reuse else None
 
     def make(name: str) -> torch.Tensor:
         stored = plan.TIED.get(name, name)
@@ -258,17 +258,20 @@ def dense_tensors(shards: ShardSet, *, one_at_a_time: bool = False) -> TensorSou
 
 
 class _Reused:
-    """One block of memory, grown to the largest tensor asked for, that every tensor is made in."""
+    """Two blocks of memory, each grown to the largest tensor asked of it, that the tensors are made in
+    by turns."""
 
     def __init__(self) -> None:
-        self.memory = torch.empty(0, dtype=torch.uint8)
+        self.blocks = [torch.empty(0, dtype=torch.uint8) for _ in range(2)]
+        self.turn = 0
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         size = math.prod(shape) * dtype.itemsize
-        if self.memory.numel() < size:
-            self.memory = torch.empty(0, dtype=torch.uint8)  # the old block freed before the new one is made
-            self.memory = torch.empty(size, dtype=torch.uint8)
-        return self.memory[:size].view(dtype).view(shape)
+        turn, self.turn = self.turn, 1 - self.turn
+        if self.blocks[turn].numel() < size:
+            self.blocks[turn] = torch.empty(0, dtype=torch.uint8)  # the old block freed before the new is made
+            self.blocks[turn] = torch.empty(size, dtype=torch.uint8)
+        return self.blocks[turn][:size].view(dtype).view(shape)
 
 
 def _put_together(m: Manifest, name: str, pieces: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
@@ -300,14 +303,14 @@ def dcp_boxes(shards: ShardSet) -> Boxes:
 
 def merged_checkpoint(shards: ShardSet, *, checksum: bool = True, progress: Progress | None = None) -> Checkpoint:
     """The dense checkpoint of a shard set for a writer: its state_dict made tensor by tensor when asked
-    for, each in the memory of the last (dense_tensors, one_at_a_time), so that the writers stream it
-    to disk holding one tensor. Every rank file's size and header are checked now; its sha256 (unless
+    for, in reused memory (dense_tensors, reuse), so that the writers stream it to disk holding two
+    tensors at a time. Every rank file's size and header are checked now; its sha256 (unless
     checksum=False) on background threads while the checkpoint is written out (RankFileChecks; progress:
     the bytes hashed): the writers call the checkpoint's pending_checks before their output takes its
     name, and it raises if a file differs from the manifest."""
     checks = RankFileChecks(shards, checksum=checksum, progress=progress)
     with checks.first():
-        tensors = dense_tensors(shards, one_at_a_time=True)
+        tensors = dense_tensors(shards, reuse=True)
     return _checkpoint(shards, tensors, checks.confirm)
 
 

@@ -5,28 +5,56 @@ up later by the code that needs the digest. Imports no torch, so that the CLI ca
 import errno
 import hashlib
 import json
+import mmap
 import os
 import queue
 import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 MANIFEST = "manifest.json"  # a shard set's: it names the rank files
 MAX_MANIFEST_BYTES = 64 << 20  # a 1000-layer model's manifest is about 1 MB
-READ_BYTES = 1 << 20  # one buffer per hash, reused: it stays in the core's cache between read and hash
+READ_BYTES = 1 << 20  # a read buffer that stays in the core's cache
+# of the file mapped, and hashed in one call, at a time: hashlib lets go of the GIL while it hashes, and
+# takes it again after; a call of a few milliseconds is not held up much by a thread that keeps the GIL
+# for several (torch's import, say), and the pages mapped at a time stay few
+WINDOW_BYTES = 4 << 20
 Progress = Callable[[int], None]  # called with the number of bytes just done
 
 
 def sha256_file(path: Path, progress: Progress | None = None) -> str:
+    """The file's sha256, hashed from a memory map of it a window at a time (no copy of the bytes out of
+    the page cache, as read() makes); read where the file cannot be mapped."""
     digest = hashlib.sha256()
-    buffer = memoryview(bytearray(READ_BYTES))
     with open(path, "rb", buffering=0) as f:
-        while size := f.readinto(buffer):
-            digest.update(buffer[:size])
-            if progress:
-                progress(size)
+        if not _hash_mapped(f, digest, progress):
+            buffer = memoryview(bytearray(READ_BYTES))
+            while size := f.readinto(buffer):
+                _step(digest, buffer[:size], progress)
     return digest.hexdigest()
+
+
+def _hash_mapped(f: BinaryIO, digest: "hashlib._Hash", progress: Progress | None) -> bool:
+    """Hash the open file from memory maps of WINDOW_BYTES; False, nothing hashed, if it cannot be mapped."""
+    size = os.fstat(f.fileno()).st_size
+    for start in range(0, size, WINDOW_BYTES):
+        try:
+            window = mmap.mmap(f.fileno(), min(WINDOW_BYTES, size - start), offset=start, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            if start:
+                raise
+            return False
+        with window, memoryview(window) as view:
+            _step(digest, view, progress)
+    return True
+
+
+def _step(digest: "hashlib._Hash", data: memoryview, progress: Progress | None) -> None:
+    digest.update(data)
+    if progress:
+        progress(len(data))
 
 
 class FileHash:

@@ -9,11 +9,15 @@ import json
 import math
 import mmap
 import os
+import queue
 import struct
+import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,6 +40,7 @@ SAFETENSORS_CODES = {dtype: code for _, dtype, code in _TABLE}
 NAMES_BY_CODE = {code: name for name, _, code in _TABLE}
 
 Layout = list[tuple[str, torch.dtype, tuple[int, ...]]]  # a file's tensors: name, dtype, shape, in order
+T = TypeVar("T")
 
 
 class TensorSource(Mapping[str, torch.Tensor]):
@@ -76,31 +81,40 @@ def layout_of(tensors: Mapping[str, torch.Tensor]) -> Layout:
 # own time (README, "Models bigger than memory"), and a large output cached whole pushes out of the cache
 # the input it is made from. A small one is worth its cache: the next command reads it from there.
 BUFFER_BYTES = 1 << 20
+DIRECT_BUFFER_BYTES = 4 << 20  # fewer, larger writes where each waits for the disk
 BUFFERS = 4
 ALIGN = 4096  # O_DIRECT's unit for addresses, lengths and offsets: a multiple of every common block size
 DIRECT_BYTES = 256 << 20  # outputs from this size on bypass the page cache
 
 
 class OutputFile:
-    """A new file, written front to back through BUFFERS page-aligned buffers of BUFFER_BYTES: write()
-    and write_tensor() fill them, and each full one goes out on a writer thread while the next fills
-    (hashed on another one first, with sha256=True). size, about the bytes it will hold: from
-    DIRECT_BYTES on, O_DIRECT where the file system takes it. close() writes the last, partial buffer,
-    fsyncs and returns the sha256 (None without). Also a file object for torch's own writers: tell(),
-    fileno(), and a flush() that does nothing (the buffers go out as they fill, the last at close)."""
+    """A new file, written front to back through BUFFERS page-aligned buffers of BUFFER_BYTES (with
+    O_DIRECT, DIRECT_BUFFER_BYTES): write() and write_tensor() fill them, and each full one goes out on
+    a writer thread while the next fills (hashed on another one first, with sha256=True). size, about
+    the bytes it will hold: from DIRECT_BYTES on, O_DIRECT where the file system takes it. close()
+    writes the last, partial buffer, fsyncs and returns the sha256 (None without). Also a file object
+    for torch's own writers: tell(), fileno(), and a flush() that does nothing (the buffers go out as
+    they fill, the last at close)."""
 
     def __init__(self, path: Path, *, sha256: bool = False, size: int = 0):
         self._fd, self._direct = _open_for_writing(Path(path), direct=size >= DIRECT_BYTES)
+        self._size = DIRECT_BUFFER_BYTES if self._direct else BUFFER_BYTES
         # page-aligned, as O_DIRECT needs; touched at once, so that a file's memory is the same however
         # much it holds
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-        self._memory = mmap.mmap(-1, BUFFERS * BUFFER_BYTES, flags=flags)
+        self._memory = mmap.mmap(-1, BUFFERS * self._size, flags=flags)
         self._bytes = torch.frombuffer(self._memory, dtype=torch.uint8)
         self._view = memoryview(self._memory)
-        self._scratch = torch.empty(BUFFER_BYTES, dtype=torch.uint8)  # a transposed block; a row across two buffers
+        self._scratch = torch.empty(self._size, dtype=torch.uint8)  # a transposed block; a row across two buffers
         self._turn, self._fill, self._told = 0, 0, 0  # the buffer being filled, the bytes in it, the bytes so far
-        self._pending: list[list[Future]] = [[] for _ in range(BUFFERS)]  # each buffer's hash and write
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpshard-write")
+        self._hashed: list[Future | None] = [None] * BUFFERS  # each buffer's hash, running
+        self._written = [threading.Event() for _ in range(BUFFERS)]  # each buffer's write, done
+        for written in self._written:
+            written.set()
+        self._to_write: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # full buffers; None: no more
+        self._write_error: BaseException | None = None
+        self._writer = threading.Thread(target=self._write_full_buffers, name="tpshard-write", daemon=True)
+        self._writer.start()
         self._digest = hashlib.sha256() if sha256 else None
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpshard-hash") if sha256 else None
         self._closed = False
@@ -118,10 +132,13 @@ class OutputFile:
 
     def write(self, data: object) -> int:
         view = memoryview(data).cast("B")
+        if len(view) > BUFFER_BYTES:  # a record torch's writers hand over whole: copied by torch, without the GIL
+            self._write_bytes(_uint8_tensor(view))
+            return len(view)
         done = 0
         while done < len(view):
-            n = min(BUFFER_BYTES - self._fill, len(view) - done)
-            start = self._turn * BUFFER_BYTES + self._fill
+            n = min(self._size - self._fill, len(view) - done)
+            start = self._turn * self._size + self._fill
             self._view[start : start + n] = view[done : done + n]
             self._advance(n)
             done += n
@@ -135,13 +152,13 @@ class OutputFile:
             return
         rows, size = tensor.shape[0], tensor.element_size()
         row = size * math.prod(tensor.shape[1:])
-        if row > BUFFER_BYTES:  # a row larger than a buffer: row by row, each cut further
+        if row > self._size:  # a row larger than a buffer: row by row, each cut further
             for r in range(rows):
                 self.write_tensor(tensor[r])
             return
         start = 0
         while start < rows:
-            fit = (BUFFER_BYTES - self._fill) // row if self._fill % size == 0 else 0
+            fit = (self._size - self._fill) // row if self._fill % size == 0 else 0
             if fit:
                 k = min(fit, rows - start)
                 block = self._free(k * row).view(tensor.dtype).view(k, *tensor.shape[1:])
@@ -156,43 +173,77 @@ class OutputFile:
     def _write_bytes(self, flat: torch.Tensor) -> None:
         done = 0
         while done < flat.numel():
-            n = min(BUFFER_BYTES - self._fill, flat.numel() - done)
+            n = min(self._size - self._fill, flat.numel() - done)
             self._free(n).copy_(flat[done : done + n])
             self._advance(n)
             done += n
 
     def _free(self, n: int) -> torch.Tensor:
         """The next n bytes of the buffer being filled (n at most what is left of it)."""
-        start = self._turn * BUFFER_BYTES + self._fill
+        start = self._turn * self._size + self._fill
         return self._bytes[start : start + n]
 
     def _advance(self, n: int) -> None:
         self._fill += n
         self._told += n
-        if self._fill == BUFFER_BYTES:
+        if self._fill == self._size:
             self._send()
 
     def _send(self) -> None:
         """Hand the full buffer to the hasher and the writer, and make the next one ready to fill."""
         turn = self._turn
-        chunk = self._view[turn * BUFFER_BYTES : (turn + 1) * BUFFER_BYTES]
         if self._hasher is not None:
             assert self._digest is not None
-            self._pending[turn].append(self._hasher.submit(self._digest.update, chunk))
-        self._pending[turn].append(self._writer.submit(self._write_out, chunk))
+            self._hashed[turn] = self._hasher.submit(self._digest.update, self._buffer(turn, self._size))
+        self._written[turn].clear()
+        self._to_write.put(turn)
         self._turn, self._fill = (turn + 1) % BUFFERS, 0
-        for job in self._pending[self._turn]:  # its last hash and write done before it is filled again
-            job.result()
-        self._pending[self._turn] = []
+        self._done_with(self._turn)  # before it is filled again
 
-    def _write_out(self, view: memoryview) -> None:
-        while view:
+    def _done_with(self, turn: int) -> None:
+        """Wait until buffer turn is written and hashed; raise what writing or hashing raised."""
+        self._written[turn].wait()
+        hashed, self._hashed[turn] = self._hashed[turn], None
+        if hashed is not None:
+            hashed.result()
+        if self._write_error is not None:
+            raise self._write_error
+
+    def _buffer(self, turn: int, size: int) -> memoryview:
+        return self._view[turn * self._size : turn * self._size + size]
+
+    def _write_full_buffers(self) -> None:
+        """The writer thread: every full buffer, in order; those that are ready together in one call.
+        (Each call needs the GIL only to start and to end, and a torch call can hold it for milliseconds:
+        the CRC-32 of a record, say. One call for all the buffers ready keeps the disk busy meanwhile.)"""
+        stop = False
+        while not stop:
+            turns = [self._to_write.get()]
+            while not self._to_write.empty():
+                turns.append(self._to_write.get())
+            stop = turns[-1] is None
+            ready = [turn for turn in turns if turn is not None]
             try:
-                view = view[os.write(self._fd, view) :]
+                if self._write_error is None:
+                    self._write_views([self._buffer(turn, self._size) for turn in ready])
+            except BaseException as e:  # for the filling thread to raise
+                self._write_error = e
+            for turn in ready:
+                self._written[turn].set()
+
+    def _write_views(self, views: list[memoryview]) -> None:
+        while views:
+            try:
+                written = os.writev(self._fd, views)
             except OSError as e:
                 if e.errno != errno.EINVAL or not self._direct:
                     raise
                 self._set_direct(False)  # O_DIRECT taken at open and refused now (after a short write, say)
+                continue
+            while written and written >= len(views[0]):
+                written -= len(views.pop(0))
+            if written:
+                views[0] = views[0][written:]
 
     def _set_direct(self, on: bool) -> None:
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
@@ -205,25 +256,30 @@ class OutputFile:
             return self._result
         self._closed = True
         try:
-            for jobs in self._pending:
-                for job in jobs:
-                    job.result()
-            tail = self._view[self._turn * BUFFER_BYTES : self._turn * BUFFER_BYTES + self._fill]
+            self._stop_writer()
+            for turn in range(BUFFERS):
+                self._done_with(turn)
+            tail = self._buffer(self._turn, self._fill)
             if self._digest is not None:
                 self._digest.update(tail)
             if self._direct and len(tail) % ALIGN:
                 self._set_direct(False)  # the last block is partial
-            self._write_out(tail)
+            self._write_views([tail])
             os.fsync(self._fd)
         finally:
             self._shutdown()
         self._result = self._digest.hexdigest() if self._digest is not None else None
         return self._result
 
+    def _stop_writer(self) -> None:
+        self._to_write.put(None)
+        self._writer.join()
+
     def _shutdown(self) -> None:
-        for pool in (self._writer, self._hasher):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        if self._writer.is_alive():
+            self._stop_writer()
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True, cancel_futures=True)
         os.close(self._fd)
 
     def tell(self) -> int:
@@ -234,6 +290,13 @@ class OutputFile:
 
     def flush(self) -> None:
         pass
+
+
+def _uint8_tensor(view: memoryview) -> torch.Tensor:
+    """A uint8 tensor over view's memory, nothing copied (read-only memory too: it is only read)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable"
+        return torch.frombuffer(view, dtype=torch.uint8)
 
 
 def _open_for_writing(path: Path, *, direct: bool) -> tuple[int, bool]:
@@ -291,8 +354,9 @@ def write_safetensors(
     Hand-written because safetensors' save_file takes every tensor of a file at once (a whole rank in
     memory) and cannot hash while it writes; the format itself is a JSON header and raw bytes. Each
     tensor is copied into the OutputFile's buffers (a view a block at a time, never copied whole), which
-    are hashed and written on other threads; its memory-mapped pages (a piece that is a view of its
-    source) are dropped once copied, so that the process holds about one tensor, not the file.
+    are hashed and written on other threads, while the next is made on another (made_ahead); its
+    memory-mapped pages (a piece that is a view of its source) are dropped once copied, so that the
+    process holds about two tensors, not the file.
     """
     files = [(path, layout, metadata)]
     return write_safetensors_files(files, lambda _, name: produce(name), progress, sha256=sha256)[0]
@@ -322,12 +386,25 @@ def write_safetensors_files(
         ]
         for out, header in zip(outs, headers, strict=True):
             out.write(header)
-        for position in range(max(len(layout) for _, layout, _ in files)):
-            for index, (out, (_, layout, _)) in enumerate(zip(outs, files, strict=True)):
-                if position < len(layout):
-                    name, dtype, shape = layout[position]
-                    _write_out(out, produce(index, name), (name, dtype, shape), progress)
+        longest = max(len(layout) for _, layout, _ in files)
+        order = [(i, layout[at]) for at in range(longest) for i, (_, layout, _) in enumerate(files) if at < len(layout)]
+        for (index, entry), tensor in made_ahead(order, lambda item: produce(item[0], item[1][0])):
+            _write_out(outs[index], tensor, entry, progress)
+            del tensor  # before the one after the next is made
         return [out.close() for out in outs]
+
+
+def made_ahead(items: list[T], make: Callable[[T], torch.Tensor]) -> Iterator[tuple[T, torch.Tensor]]:
+    """(item, make(item)) for each item in turn, the next one's tensor made on another thread while the
+    caller uses this one's (torch's copies let go of the GIL): a writer puts the next tensor together
+    as it writes this one, on the other core. Two tensors alive at a time, not one."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpshard-make") as maker:
+        ahead = maker.submit(make, items[0]) if items else None
+        for at, item in enumerate(items):
+            assert ahead is not None
+            tensor = ahead.result()
+            ahead = maker.submit(make, items[at + 1]) if at + 1 < len(items) else None
+            yield item, tensor
 
 
 def _header(layout: Layout, metadata: dict[str, str]) -> bytes:

@@ -1,7 +1,7 @@
-"""torch.save's archive written one tensor at a time, so that saving a model holds one tensor, not the
-model: `save_streamed(obj, path)` writes, byte for byte, the file torch.save(obj, f) writes to an open
-file f, where obj's tensors may be `Deferred`: known by dtype and shape, made when their record is
-written.
+"""torch.save's archive written one tensor at a time, so that saving a model holds a tensor or two, not
+the model: `save_streamed(obj, path)` writes, byte for byte, the file torch.save(obj, f) writes to an
+open file f, where obj's tensors may be `Deferred`: known by dtype and shape, made as their record
+comes up.
 
 torch.save pickles obj first, each tensor's storage a reference ("persistent id") to a record, then
 writes every record from memory: the whole model must exist before the first byte is written. Here
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from tpshard.files.pages import drop_file_pages, trim_free_memory
-from tpshard.files.tensorfile import OutputFile, Progress, one_thread
+from tpshard.files.tensorfile import OutputFile, Progress, made_ahead, one_thread
 
 _STORAGE_TYPES = torch.storage._dtype_to_storage_type_map()  # torch.float32 -> "FloatStorage", ...
 
@@ -85,8 +85,9 @@ class _Pickler(pickle.Pickler):
 
 
 def save_streamed(obj: object, path: Path, progress: Progress | None = None) -> None:
-    """torch.save(obj, path), one tensor in memory at a time: each Deferred is made when its record is
-    written, and every tensor's memory-mapped pages are dropped once it is (see the module's docstring)."""
+    """torch.save(obj, path), two tensors in memory at a time: each Deferred is made while the record
+    before it is written (tensorfile.made_ahead), and every tensor's memory-mapped pages are dropped once
+    it is (see the module's docstring)."""
     buffer = io.BytesIO()
     pickler = _Pickler(buffer)
     pickler.dump(obj)
@@ -105,8 +106,7 @@ def save_streamed(obj: object, path: Path, progress: Progress | None = None) -> 
         writer.write_record(".format_version", "1", len("1"))
         writer.write_record(".storage_alignment", alignment, len(alignment))
         writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-        for key, item in pickler.records:
-            tensor = item.make() if isinstance(item, Deferred) else item
+        for (key, item), tensor in made_ahead(pickler.records, _made):
             if tensor.dtype != item.dtype or tuple(tensor.shape) != tuple(item.shape):
                 raise ValueError(f"record {key}: made {tensor.dtype} {tuple(tensor.shape)}, announced otherwise")
             data = tensor.detach().cpu().contiguous()
@@ -114,11 +114,16 @@ def save_streamed(obj: object, path: Path, progress: Progress | None = None) -> 
             _write_bytes(writer, f"data/{key}", data, size)
             del data
             made = not drop_file_pages(tensor)  # else a view of a mapped file: nothing to free
-            del tensor  # before the next is made: one tensor alive at a time
+            del tensor  # before the one after the next is made: two tensors alive at a time
             if made:
                 trim_free_memory(size)  # the writer's own small allocations pin the freed memory otherwise
             if progress:
                 progress(size)
+
+
+def _made(record: tuple[str, "Deferred | torch.Tensor"]) -> torch.Tensor:
+    item = record[1]
+    return item.make() if isinstance(item, Deferred) else item
 
 
 def _write_bytes(writer: torch._C.PyTorchFileWriter, name: str, data: torch.Tensor, size: int) -> None:
