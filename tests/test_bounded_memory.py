@@ -140,6 +140,19 @@ def test_an_output_file_holds_the_tensors_bytes(direct: str, tmp_path: Path, mon
         assert direct_now == (direct == "taken")
 
 
+@pytest.mark.parametrize("buffers", [0, 1, 2, 5])
+def test_an_output_file_of_whole_buffers(buffers: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that ends where a buffer does (or holds nothing) has no partial last buffer to write."""
+    monkeypatch.setattr(tensorfile, "DIRECT_BUFFER_BYTES", 4096)
+    monkeypatch.setattr(tensorfile, "BUFFERS", 2)
+    monkeypatch.setattr(tensorfile, "DIRECT_BYTES", 0)
+    data = os.urandom(4096 * buffers)
+    with tensorfile.OutputFile(tmp_path / "out", sha256=True) as out:
+        out.write(data)
+        assert out.close() == hashlib.sha256(data).hexdigest()
+    assert (tmp_path / "out").read_bytes() == data
+
+
 def test_dense_safetensors_and_hf_hold_what_the_in_memory_writers_held(cli, ckpt: Path, tmp_path: Path) -> None:
     split(ckpt, tmp_path / "s", tp=2, vocab_parallel=True)
     merged = merge_shards(ShardSet.open(tmp_path / "s"))

@@ -285,6 +285,27 @@ def test_merge_refuses_a_corrupted_rank_file(shard_dir: Path, cli) -> None:
     assert not (shard_dir.parent / "merged.pt").exists()
 
 
+@pytest.mark.parametrize("corrupt", ["rank0-of-2.safetensors", "rank1-of-2.safetensors"])
+def test_a_corrupted_rank_file_leaves_no_output(corrupt: str, shard_dir: Path, cli) -> None:
+    """The rank files' sha256 are checked while the output is written from them: every merge format
+    and reshard, found out whichever file is damaged, say so in one line and leave nothing behind, not
+    even a temporary."""
+    path = shard_dir / corrupt
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # one bit of the last weight: read last
+    path.write_bytes(bytes(data))
+    work = shard_dir.parent
+    before = sorted(p.name for p in work.iterdir())
+    outputs = [("merge", "m.pt", "pt"), ("merge", "m.safetensors", "safetensors"), ("merge", "hf", "hf")]
+    outputs += [("merge", "dcp", "dcp")]
+    for command, name, fmt in outputs:
+        err = one_line_error(*cli(command, shard_dir, "-o", work / name, "--format", fmt))
+        assert str(path) in err and "sha256 differs" in err, (fmt, err)
+    err = one_line_error(*cli("reshard", shard_dir, "--tp", 4, "-o", work / "tp4"))
+    assert str(path) in err and "sha256 differs" in err
+    assert sorted(p.name for p in work.iterdir()) == before
+
+
 def test_merge_refuses_a_missing_rank_file(shard_dir: Path, cli) -> None:
     (shard_dir / "rank1-of-2.safetensors").unlink()
     err = one_line_error(*cli("merge", shard_dir, "-o", shard_dir.parent / "merged.pt"))

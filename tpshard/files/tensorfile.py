@@ -232,6 +232,7 @@ class OutputFile:
                 self._written[turn].set()
 
     def _write_views(self, views: list[memoryview]) -> None:
+        views = [view for view in views if len(view)]
         while views:
             try:
                 written = os.writev(self._fd, views)
