@@ -52,7 +52,7 @@ from tpshard.files.checkpoint import (
     training_record,
 )
 from tpshard.files.pages import drop_file_pages
-from tpshard.files.tensorfile import OutputFile, Progress
+from tpshard.files.tensorfile import OutputFile, Progress, one_thread
 from tpshard.parallel.plan import EMBEDDING, TIED, dense_shapes
 
 METADATA = ".metadata"
@@ -627,7 +627,7 @@ def save_dcp(
 
     with atomic_directory(out_dir, force, checkpoint.pending_checks) as tmp:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), one_thread():  # torch's copies into the OutputFile: see one_thread
                 warnings.filterwarnings("ignore", SINGLE_PROCESS_WARNING)
                 planner = _box_planner(boxes, progress)
                 save({}, storage_writer=Writer(tmp), planner=planner, no_dist=True)
