@@ -213,13 +213,16 @@ class OutputFile:
         return self._view[turn * self._size : turn * self._size + size]
 
     def _write_full_buffers(self) -> None:
-        """The writer thread: every full buffer, in order; those that are ready together in one call.
-        (Each call needs the GIL only to start and to end, and a torch call can hold it for milliseconds:
-        the CRC-32 of a record, say. One call for all the buffers ready keeps the disk busy meanwhile.)"""
+        """The writer thread: every full buffer, in order; with O_DIRECT, those that are ready together in
+        one call. (Each call needs the GIL only to start and to end, and a torch call can hold it for
+        milliseconds: the CRC-32 of a record, say. One call for all the buffers ready keeps the disk busy
+        meanwhile.) Through the page cache, one buffer a call: the cache holds what a write brings in
+        folios as large as the write (up to 2 MB), and a process that maps the file later has a whole
+        folio mapped on each fault, neighbours and all (files/pages.py)."""
         stop = False
         while not stop:
             turns = [self._to_write.get()]
-            while not self._to_write.empty():
+            while self._direct and not self._to_write.empty():
                 turns.append(self._to_write.get())
             stop = turns[-1] is None
             ready = [turn for turn in turns if turn is not None]
