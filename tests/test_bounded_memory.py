@@ -26,11 +26,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from tpshard.config import GPTConfig
-from tpshard.convert import merge_shards, merged_checkpoint, split_checkpoint
-from tpshard.files import tensorfile
+from tpshard.convert import merge_shards, merge_to, merged_checkpoint, split_checkpoint
+from tpshard.files import tensorfile, torchzip
 from tpshard.files.checkpoint import model_args
 from tpshard.files.hf import hf_state_dict, save_hf
 from tpshard.files.nanogpt import nanogpt_dict, save_checkpoint
@@ -83,12 +82,30 @@ def test_a_streamed_archive_is_torch_saves_own_file(tmp_path: Path) -> None:
 
 
 def test_a_merged_ckpt_is_what_torch_save_wrote(ckpt: Path, tmp_path: Path) -> None:
-    """merge's ckpt.pt, streamed from the rank files of a tp 3 x pp 2 set, is torch.save's file of the
-    merge in memory, byte for byte."""
+    """merge's ckpt.pt, streamed from the rank files of a tp 3 x pp 2 set (in reused memory: merge_to;
+    or each tensor in its own: merged_checkpoint), is torch.save's file of the merge in memory, byte for
+    byte."""
     shards = split(ckpt, tmp_path / "s", tp=3, pp=2)
-    save_checkpoint(merged_checkpoint(shards), tmp_path / "merged.pt")
     eager = torch_save(nanogpt_dict(merge_shards(shards)), tmp_path / "eager.pt")
+    merge_to(shards, tmp_path / "merged.pt", "pt")
+    save_checkpoint(merged_checkpoint(shards), tmp_path / "library.pt")
     assert filecmp.cmp(eager, tmp_path / "merged.pt", shallow=False)
+    assert filecmp.cmp(eager, tmp_path / "library.pt", shallow=False)
+
+
+def test_memory_is_handed_back_only_where_it_was_freed(ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    """merge_to's tensors are made in two reused blocks: nothing is freed when one is let go, and no
+    writer trims; tensors of their own (merged_checkpoint's) are trimmed after."""
+    shards = split(ckpt, tmp_path / "s", tp=2)
+    trimmed: list[int] = []
+    monkeypatch.setattr(tensorfile, "trim_free_memory", trimmed.append)
+    monkeypatch.setattr(torchzip, "trim_free_memory", trimmed.append)
+    for fmt, name in (("pt", "m.pt"), ("safetensors", "m.safetensors"), ("hf", "hf")):
+        merge_to(shards, tmp_path / name, fmt)
+    assert trimmed == []
+    save_checkpoint(merged_checkpoint(shards), tmp_path / "library.pt")
+    save_hf(merged_checkpoint(shards), tmp_path / "library")
+    assert len(trimmed) > 2 * CONFIG.n_layer
 
 
 @pytest.mark.parametrize("direct", ["taken", "refused at open", "refused at a write"])
@@ -160,12 +177,13 @@ def test_dense_safetensors_and_hf_hold_what_the_in_memory_writers_held(cli, ckpt
     with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
         assert set(f.keys()) == set(merged.state_dict) - {"lm_head.weight"}
         assert all(torch.equal(f.get_tensor(k), merged.state_dict[k]) for k in f.keys())  # noqa: SIM118
-    save_hf(merged_checkpoint(ShardSet.open(tmp_path / "s")), tmp_path / "hf")
+    merge_to(ShardSet.open(tmp_path / "s"), tmp_path / "hf", "hf")
+    save_hf(merged_checkpoint(ShardSet.open(tmp_path / "s")), tmp_path / "library")
     expected = hf_state_dict(merged)
-    save_file(expected, tmp_path / "eager.safetensors", metadata={"format": "pt"})  # what save_hf wrote before
-    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
-        assert f.metadata() == {"format": "pt"} and set(f.keys()) == set(expected)
-        assert all(torch.equal(f.get_tensor(k), expected[k]) for k in expected)
+    for hf in ("hf", "library"):
+        with safe_open(str(tmp_path / hf / "model.safetensors"), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"} and set(f.keys()) == set(expected)
+            assert all(torch.equal(f.get_tensor(k), expected[k]) for k in expected)
     assert any(k.endswith(".bias") for k in expected)  # the zero biases of a bias-free model
 
 

@@ -13,10 +13,12 @@ from conftest import BIAS_CONFIG, NO_BIAS_CONFIG
 from tpshard.comm.collectives import LOCAL
 from tpshard.comm.counting import CountingCollectives
 from tpshard.config import GPTConfig
-from tpshard.convert import merge_shards, split_checkpoint
+from tpshard.convert import merge_shards, merged_checkpoint, split_checkpoint
+from tpshard.errors import TpshardError
 from tpshard.files import shardset
 from tpshard.files.checkpoint import Checkpoint, model_args
-from tpshard.files.nanogpt import save_checkpoint
+from tpshard.files.hf import hf_state_dict
+from tpshard.files.nanogpt import nanogpt_dict, save_checkpoint
 from tpshard.files.paths import load_checkpoint
 from tpshard.files.shardset import ShardSet
 from tpshard.model import GPT
@@ -304,6 +306,32 @@ def test_a_corrupted_rank_file_leaves_no_output(corrupt: str, shard_dir: Path, c
     err = one_line_error(*cli("reshard", shard_dir, "--tp", 4, "-o", work / "tp4"))
     assert str(path) in err and "sha256 differs" in err
     assert sorted(p.name for p in work.iterdir()) == before
+
+
+def test_the_library_merges_hand_out_tensors_of_their_own(bias_ckpt: Path, shard_dir: Path) -> None:
+    """merged_checkpoint's tensors, and nanogpt_dict's and hf_state_dict's of it, all kept at once, are
+    the source's: the memory that tpshard's own writers reuse (convert.merge_to) is never handed out."""
+    source = load_checkpoint(bias_ckpt)
+    shards = ShardSet.open(shard_dir)
+    kept = dict(merged_checkpoint(shards).state_dict.items())
+    assert kept.keys() == source.state_dict.keys()
+    assert all(torch.equal(kept[name], tensor) for name, tensor in source.state_dict.items())
+    model = nanogpt_dict(merged_checkpoint(shards))["model"]
+    assert all(torch.equal(model[name], tensor) for name, tensor in source.state_dict.items())
+    hf, expected = hf_state_dict(merged_checkpoint(shards)), hf_state_dict(source)
+    assert hf.keys() == expected.keys() and all(torch.equal(hf[key], expected[key]) for key in expected)
+
+
+@pytest.mark.parametrize("merge", [merged_checkpoint, merge_shards])
+def test_the_library_merges_check_the_sha256_at_once(merge, shard_dir: Path) -> None:
+    """A corrupted rank file fails the merge itself, before a tensor is handed out."""
+    path = shard_dir / "rank1-of-2.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(TpshardError, match="sha256 differs") as failed:
+        merge(ShardSet.open(shard_dir))
+    assert str(path) in str(failed.value)
 
 
 def test_merge_refuses_a_missing_rank_file(shard_dir: Path, cli) -> None:

@@ -2,8 +2,9 @@
 parallel/plan.py tensor by tensor, so that no step holds the model twice."""
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,8 +13,11 @@ from tpshard.config import GPTConfig
 from tpshard.errors import TpshardError
 from tpshard.files.atomic import file_status, input_files, refuse_output_over_inputs
 from tpshard.files.checkpoint import Checkpoint, training_record
-from tpshard.files.dcp import Boxes, stored_shape
+from tpshard.files.dcp import Boxes, save_dcp, stored_shape
+from tpshard.files.dense_safetensors import save_safetensors
 from tpshard.files.digests import FileHash, take
+from tpshard.files.hf import save_hf
+from tpshard.files.nanogpt import save_checkpoint
 from tpshard.files.pages import drop_file_pages, shares_memory
 from tpshard.files.shardset import (
     BPE_TOKENIZER,
@@ -210,9 +214,9 @@ class RankFileChecks:
             self.shards.check_sha256(rank, digest)
 
     @contextmanager
-    def first(self) -> Iterator[None]:
-        """A TpshardError raised inside (by what the rank files hold) is the checksum's, if one fails:
-        the cause, and what an eager check would have said."""
+    def confirm_on_error(self) -> Iterator[None]:
+        """Within it, a TpshardError (about what the rank files hold) gives way to confirm()'s, if a
+        sha256 differs: the cause, and what an eager check would have said."""
         try:
             yield
         except TpshardError:
@@ -230,10 +234,11 @@ def dense_tensors(shards: ShardSet, *, reuse: bool = False) -> TensorSource:
     """A shard set's dense tensors, nanoGPT's names, each put together from its memory-mapped pieces
     only when asked for, and kept by no one here: a tensor split across ranks is copied out then and
     its pieces' pages released; a replicated one is rank 0's piece itself (a view of its file). With
-    reuse (a writer's, done with each tensor once it has asked for the one after the next:
-    tensorfile.made_ahead), the tensors are put together in two blocks of memory in turn: no fresh
-    pages to fault in each time. The last stage's copy of the tied embedding is checked first, then
-    left out; lm_head.weight is wte. The rank files are not checked here (RankFileChecks)."""
+    reuse (merge_to's: tpshard's writers are done with each tensor once they ask for the one after the
+    next, tensorfile.made_ahead), the tensors are put together in two blocks of memory in turn, no
+    fresh pages to fault in each time: a tensor kept longer changes under its holder. The last stage's
+    copy of the tied embedding is checked first, then left out; lm_head.weight is wte. The rank files
+    are not checked here (RankFileChecks)."""
     m = shards.manifest
     pieces = _untied(shards, mapped_pieces(shards))
     layout = [(name, m.dtype, tuple(m.tensors[name]["shape"])) for name in pieces]
@@ -254,7 +259,7 @@ def dense_tensors(shards: ShardSet, *, reuse: bool = False) -> TensorSource:
             drop_file_pages(piece)
         return dense
 
-    return TensorSource(layout, make)
+    return TensorSource(layout, make, reused=reuse)
 
 
 class _Reused:
@@ -302,40 +307,62 @@ def dcp_boxes(shards: ShardSet) -> Boxes:
 
 
 def merged_checkpoint(shards: ShardSet, *, checksum: bool = True, progress: Progress | None = None) -> Checkpoint:
-    """The dense checkpoint of a shard set for a writer: its state_dict made tensor by tensor when asked
-    for, in reused memory (dense_tensors, reuse), so that the writers stream it to disk holding two
-    tensors at a time. Every rank file's size and header are checked now; its sha256 (unless
-    checksum=False) on background threads while the checkpoint is written out (RankFileChecks; progress:
-    the bytes hashed): the writers call the checkpoint's pending_checks before their output takes its
-    name, and it raises if a file differs from the manifest."""
-    checks = RankFileChecks(shards, checksum=checksum, progress=progress)
-    with checks.first():
-        tensors = dense_tensors(shards, reuse=True)
-    return _checkpoint(shards, tensors, checks.confirm)
+    """The dense checkpoint of a shard set, its state_dict made tensor by tensor when asked for, each in
+    memory of its own (dense_tensors): what a caller streams, holding one tensor at a time. Every rank
+    file is checked against its sha256 first, unless checksum=False (the caller just did). To write it
+    to disk, merge_to: the same tensors, in reused memory, checked while they are written."""
+    RankFileChecks(shards, checksum=checksum, progress=progress).confirm()
+    return _checkpoint(shards, dense_tensors(shards))
 
 
 def merge_shards(shards: ShardSet, *, checksum: bool = True, progress: Progress | None = None) -> Checkpoint:
     """The dense checkpoint back from every rank's file, every tensor in memory (each file checked
-    against its sha256 first, unless checksum=False: the caller just did). To write it to disk, take
-    merged_checkpoint: the same tensors, one at a time."""
-    checks = RankFileChecks(shards, checksum=checksum, progress=progress)
-    checks.confirm()
-    tensors = dense_tensors(shards)
-    state = {name: tensors[name] for name in tensors if name not in plan.TIED}
+    against its sha256 first, unless checksum=False: the caller just did)."""
+    merged = merged_checkpoint(shards, checksum=checksum, progress=progress)
+    state = {name: merged.state_dict[name] for name in merged.state_dict if name not in plan.TIED}
     for tied, source in plan.TIED.items():
         state[tied] = state[source]
-    return _checkpoint(shards, state)
+    return replace(merged, state_dict=state)
 
 
-def _checkpoint(
-    shards: ShardSet, tensors: Mapping[str, torch.Tensor], pending_checks: Callable[[], None] | None = None
-) -> Checkpoint:
+MERGE_FORMATS = ("pt", "safetensors", "hf", "dcp")
+
+
+def merge_to(
+    shards: ShardSet, out: Path, format: str, *, force: bool = False, progress: Progress | None = None
+) -> None:
+    """Write a shard set's dense checkpoint to out, all or nothing, as format (MERGE_FORMATS: nanoGPT's
+    ckpt.pt, one dense safetensors file, an HF GPT-2 directory, a DCP directory). Its tensors are put
+    together one at a time in two blocks of reused memory (dense_tensors, reuse: each writer is done
+    with a tensor before the one after the next is made); every rank file's size and header are checked
+    first, its sha256 while the output is written, before out takes its name (RankFileChecks). force:
+    replace an existing hf or dcp directory (a file output is replaced: the CLI refuses one first
+    without --force). progress: the bytes written and hashed."""
+    if format not in MERGE_FORMATS:
+        raise ValueError(f"format {format!r} is not one of {MERGE_FORMATS}")
+    refuse_output_over_inputs(out, input_files(shards.directory))
+    checks = RankFileChecks(shards, progress=progress)
+    with checks.confirm_on_error():
+        merged = _checkpoint(shards, dense_tensors(shards, reuse=True))
+        boxes = dcp_boxes(shards) if format == "dcp" else None
+    done = checks.confirm
+    if format == "pt":
+        save_checkpoint(merged, out, progress, before_rename=done)
+    elif format == "safetensors":
+        save_safetensors(merged, out, progress, before_rename=done)
+    elif format == "hf":
+        save_hf(merged, out, force=force, progress=progress, before_rename=done)
+    else:
+        tokenizer = shards.tokenizer_path
+        save_dcp(merged, out, force=force, tokenizer_file=tokenizer, boxes=boxes, progress=progress, before_rename=done)
+
+
+def _checkpoint(shards: ShardSet, tensors: Mapping[str, torch.Tensor]) -> Checkpoint:
     return Checkpoint(
         path=shards.directory,
         config=shards.manifest.config,
         state_dict=tensors,
         **training_record(shards.manifest.source, shards.directory),
-        pending_checks=pending_checks,
     )
 
 
@@ -386,7 +413,7 @@ def reshard(
             raise TpshardError(f"{e}; the shard set's tokenizer is damaged: restore it or re-split") from None
     m = shards.manifest
     checks = RankFileChecks(shards, progress=progress)
-    with checks.first():
+    with checks.confirm_on_error():
         old = _untied(shards, mapped_pieces(shards))
     tensors = tensor_table(m.config, m.vocab_parallel, pp)
     manifest = Manifest(grid, m.config, m.dtype, tensors, [], {}, vocab_parallel=m.vocab_parallel, stages=stages)

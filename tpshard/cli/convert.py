@@ -175,28 +175,15 @@ def merge(
         raise TpshardError(f"{out}: is a directory, expected a file name for the merged checkpoint")
     digests.start_rank_files(shards)  # hashed while torch is imported
 
-    from tpshard.convert import dcp_boxes, merged_checkpoint
-    from tpshard.files.atomic import input_files, refuse_output_over_inputs
-    from tpshard.files.dcp import save_dcp
-    from tpshard.files.dense_safetensors import save_safetensors
-    from tpshard.files.hf import save_hf
-    from tpshard.files.nanogpt import save_checkpoint
+    from tpshard.convert import merge_to
     from tpshard.files.shardset import ShardSet
 
     shard_set = ShardSet.open(shards)
-    refuse_output_over_inputs(out, input_files(shard_set.directory))
     m = shard_set.manifest
     # written (dcp: lm_head too, wte's bytes), and the rank files hashed
     total = m.dense_bytes(tied_twice=format is MergeFormat.dcp) + sum(f["bytes"] for f in m.files)
     with byte_progress(f"write {out.name}, verify checksums", total) as progress:
-        ckpt = merged_checkpoint(shard_set, progress=progress)
-        if format is MergeFormat.hf:
-            save_hf(ckpt, out, force=force, progress=progress)
-        elif format is MergeFormat.dcp:
-            boxes = dcp_boxes(shard_set)
-            save_dcp(ckpt, out, force=force, tokenizer_file=shard_set.tokenizer_path, boxes=boxes, progress=progress)
-        else:
-            (save_checkpoint if format is MergeFormat.pt else save_safetensors)(ckpt, out, progress)
+        merge_to(shard_set, out, format.value, force=force, progress=progress)
     files = shard_set.manifest.grid.world_size
     stdout.print(f"merged {files} rank file{'s' * (files > 1)} -> {out} ({format.value}, checksums verified)")
 

@@ -2,7 +2,7 @@
 nanoGPT's names (lm_head tied to wte) and the training record that merge writes back; and the checks
 every reader applies to what a file claims."""
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,9 +33,6 @@ class Checkpoint:
     best_val_loss: float | None = None
     train_config: dict = field(default_factory=dict)
     has_optimizer: bool = False
-    # checks of the files it is read from that are still running (a merge's rank files' sha256): a writer
-    # calls it before its output takes its name, and it raises if one failed
-    pending_checks: Callable[[], None] | None = None
 
     @property
     def dtype(self) -> torch.dtype:

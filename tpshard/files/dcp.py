@@ -30,7 +30,7 @@ import re
 import shutil
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -588,12 +588,14 @@ def save_dcp(
     qkv: str = STACKED,
     boxes: Boxes | None = None,
     progress: Progress | None = None,
+    before_rename: Callable[[], None] | None = None,
 ) -> None:
     """A DCP directory written by this one process (no process group): .metadata, one data file,
     tpshard.json and the tokenizer, if any; all or nothing. boxes: the tensors as the boxes to store
     them in (a shard set's memory-mapped pieces: convert.dcp_boxes, stacked q, k, v), written one at a
     time, nothing copied; by default checkpoint's tensors, each whole (export_state_dict). progress:
-    the bytes of the boxes written."""
+    the bytes of the boxes written. before_rename: atomic_directory's, the last check before the
+    directory takes its name."""
     from torch.distributed.checkpoint import FileSystemWriter, save
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.filesystem import FileSystem
@@ -625,7 +627,7 @@ def save_dcp(
         def storage_meta(self) -> StorageMeta:  # the output's name, not the temporary's it is written under
             return StorageMeta(checkpoint_id=str(out_dir), save_id=self.save_id)
 
-    with atomic_directory(out_dir, force, checkpoint.pending_checks) as tmp:
+    with atomic_directory(out_dir, force, before_rename) as tmp:
         try:
             with warnings.catch_warnings(), one_thread():  # torch's copies into the OutputFile: see one_thread
                 warnings.filterwarnings("ignore", SINGLE_PROCESS_WARNING)

@@ -2,6 +2,7 @@
 (lm_head left out, it is wte), model_args and the training record in the metadata."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -9,14 +10,21 @@ from safetensors import SafetensorError, safe_open
 from tpshard.errors import TpshardError
 from tpshard.files.atomic import atomic_write
 from tpshard.files.checkpoint import Checkpoint, clean_state_dict, config_from_model_args, model_args, training_record
-from tpshard.files.tensorfile import Progress, layout_of, write_safetensors
+from tpshard.files.tensorfile import Progress, in_reused_memory, layout_of, write_safetensors
 from tpshard.parallel.plan import TIED
 
 
-def save_safetensors(checkpoint: Checkpoint, path: Path, progress: Progress | None = None) -> None:
+def save_safetensors(
+    checkpoint: Checkpoint,
+    path: Path,
+    progress: Progress | None = None,
+    *,
+    before_rename: Callable[[], None] | None = None,
+) -> None:
     """A dense safetensors file: nanoGPT's names (lm_head left out, it is wte), model_args and the
     training bookkeeping in the metadata. Written one tensor at a time, each taken from
-    checkpoint.state_dict only when its turn comes (a merge's tensors are put together one by one)."""
+    checkpoint.state_dict only when its turn comes (a merge's tensors are put together one by one).
+    before_rename: atomic_write's, the last check before the file takes its name."""
     tensors = checkpoint.state_dict
     layout = [(name, dtype, shape) for name, dtype, shape in layout_of(tensors) if name not in TIED]
     metadata = {
@@ -28,9 +36,10 @@ def save_safetensors(checkpoint: Checkpoint, path: Path, progress: Progress | No
     }
 
     def write(tmp: Path) -> None:
-        write_safetensors(tmp, layout, tensors.__getitem__, metadata, progress, sha256=False)
+        trim = not in_reused_memory(tensors)
+        write_safetensors(tmp, layout, tensors.__getitem__, metadata, progress, sha256=False, trim=trim)
 
-    atomic_write(Path(path), write, checkpoint.pending_checks)
+    atomic_write(Path(path), write, before_rename)
 
 
 def load_safetensors_checkpoint(path: Path) -> Checkpoint:

@@ -7,6 +7,7 @@ mask buffers are not weights, a missing lm_head means tied to wte, and HF GPT-2 
 """
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from tpshard.errors import TpshardError
 from tpshard.files.atomic import atomic_directory
 from tpshard.files.checkpoint import Checkpoint, clean_state_dict, config_from_model_args
 from tpshard.files.nanogpt import read_checkpoint_file
-from tpshard.files.tensorfile import Layout, Progress, TensorSource, layout_of, write_safetensors
+from tpshard.files.tensorfile import Layout, Progress, TensorSource, in_reused_memory, layout_of, write_safetensors
 from tpshard.parallel.plan import TIED
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -122,8 +123,9 @@ def hf_config(config: GPTConfig) -> dict:
 
 def hf_tensors(checkpoint: Checkpoint) -> TensorSource:
     """HF GPT-2 names and layouts (lm_head left out: HF ties it to wte), each tensor made from the
-    checkpoint's only when asked for; a Conv1D weight is a transposed view of it, which the streaming
-    writer reads where it lies (tensorfile.tensor_chunks), never copied whole."""
+    checkpoint's only when asked for (in the checkpoint's reused memory, if its are); a Conv1D weight
+    is a transposed view of it, which the streaming writer (tensorfile.OutputFile.write_tensor) reads
+    where it lies, a block of rows at a time, never copied whole."""
     source = checkpoint.state_dict
     layout: Layout = []
     origin: dict[str, tuple[str, bool]] = {}  # HF name -> (nanoGPT name, transposed); zero biases: ("", False)
@@ -147,9 +149,9 @@ def hf_tensors(checkpoint: Checkpoint) -> TensorSource:
             dtype, shape = kinds[key]
             return torch.zeros(shape, dtype=dtype)
         tensor = source[name]
-        return tensor.t() if conv else tensor  # a view: the writer copies it out a stage at a time
+        return tensor.t() if conv else tensor  # a view: the writer copies it out a block at a time
 
-    return TensorSource(layout, make)
+    return TensorSource(layout, make, reused=in_reused_memory(source))
 
 
 def hf_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
@@ -157,13 +159,22 @@ def hf_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     return {key: tensor.contiguous() for key, tensor in hf_tensors(checkpoint).items()}
 
 
-def save_hf(checkpoint: Checkpoint, out_dir: Path, *, force: bool = False, progress: Progress | None = None) -> None:
+def save_hf(
+    checkpoint: Checkpoint,
+    out_dir: Path,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    before_rename: Callable[[], None] | None = None,
+) -> None:
     """config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained loads, the
-    weights written one tensor at a time (hf_tensors)."""
+    weights written one tensor at a time (hf_tensors). before_rename: atomic_directory's, the last
+    check before the directory takes its name."""
     tensors = hf_tensors(checkpoint)
     dtype = next(dtype for _, dtype, _ in tensors.layout)
     config = hf_config(checkpoint.config) | {"torch_dtype": str(dtype).removeprefix("torch.")}
-    with atomic_directory(Path(out_dir), force, checkpoint.pending_checks) as tmp:
+    with atomic_directory(Path(out_dir), force, before_rename) as tmp:
         weights = tmp / "model.safetensors"
-        write_safetensors(weights, tensors.layout, tensors.__getitem__, {"format": "pt"}, progress, sha256=False)
+        metadata, trim = {"format": "pt"}, not tensors.reused
+        write_safetensors(weights, tensors.layout, tensors.__getitem__, metadata, progress, sha256=False, trim=trim)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

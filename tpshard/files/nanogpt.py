@@ -9,6 +9,7 @@ at a time (files/torchzip.py), so that a merge never holds the dense model.
 import pickle
 import warnings
 import zipfile
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from tpshard.errors import TpshardError, first_line
 from tpshard.files.atomic import atomic_write, file_status
 from tpshard.files.checkpoint import Checkpoint, clean_state_dict, config_from_model_args, model_args, training_record
-from tpshard.files.tensorfile import Progress, layout_of
+from tpshard.files.tensorfile import Progress, in_reused_memory, layout_of
 from tpshard.files.torchzip import Deferred, save_streamed
 from tpshard.parallel.plan import TIED
 
@@ -117,10 +118,17 @@ def _nanogpt_dict(checkpoint: Checkpoint, model: dict) -> dict:
     }
 
 
-def save_checkpoint(checkpoint: Checkpoint, path: Path, progress: Progress | None = None) -> None:
+def save_checkpoint(
+    checkpoint: Checkpoint,
+    path: Path,
+    progress: Progress | None = None,
+    *,
+    before_rename: Callable[[], None] | None = None,
+) -> None:
     """nanoGPT's ckpt.pt, atomically, one tensor at a time: the file torch.save(nanogpt_dict(checkpoint))
     writes, but each tensor taken from checkpoint.state_dict only when its record is written (so a
-    merge's tensors are put together one by one), and its pages released after (files/torchzip.py)."""
+    merge's tensors are put together one by one), and its pages released after (files/torchzip.py).
+    before_rename: atomic_write's, the last check before the file takes its name."""
     tensors = checkpoint.state_dict
     model = {
         name: Deferred(dtype, shape, partial(tensors.__getitem__, name))
@@ -128,4 +136,5 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path, progress: Progress | Non
         if name not in TIED
     }
     record = _nanogpt_dict(checkpoint, model)
-    atomic_write(Path(path), lambda tmp: save_streamed(record, tmp, progress), checkpoint.pending_checks)
+    trim = not in_reused_memory(tensors)
+    atomic_write(Path(path), lambda tmp: save_streamed(record, tmp, progress, trim=trim), before_rename)

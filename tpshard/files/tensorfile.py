@@ -46,10 +46,13 @@ T = TypeVar("T")
 class TensorSource(Mapping[str, torch.Tensor]):
     """Named tensors, each made only when it is asked for and kept by no one here: a shard set's dense
     tensors put together from their pieces, say. Their names, dtypes and shapes (the layout) are known
-    without making any, so that a writer can lay out its file first and then take them one by one."""
+    without making any, so that a writer can lay out its file first and then take them one by one.
+    reused: the tensors are made in memory that make keeps and makes the next ones in (a tpshard
+    writer's source, convert.merge_to): letting one go frees nothing."""
 
-    def __init__(self, layout: Layout, make: Callable[[str], torch.Tensor]):
+    def __init__(self, layout: Layout, make: Callable[[str], torch.Tensor], *, reused: bool = False):
         self.layout = layout
+        self.reused = reused
         self._make = make
         self._names = {name: None for name, _, _ in layout}
 
@@ -70,6 +73,12 @@ def layout_of(tensors: Mapping[str, torch.Tensor]) -> Layout:
     if isinstance(tensors, TensorSource):
         return tensors.layout
     return [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+
+
+def in_reused_memory(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether tensors are made in reused memory (TensorSource's reused): a writer that lets one go
+    has nothing to hand back (trim_free_memory)."""
+    return isinstance(tensors, TensorSource) and tensors.reused
 
 
 # Every output file is written front to back through a few page-aligned buffers: the writers copy into them
@@ -349,11 +358,13 @@ def write_safetensors(
     progress: Progress | None = None,
     *,
     sha256: bool = True,
+    trim: bool = True,
 ) -> str | None:
     """Write a safetensors file one tensor at a time, and return its sha256 (None when sha256=False:
     a dense output, which nothing records the hash of). produce(name) gives each tensor of the layout,
     in its shape or in any other that holds its elements in row-major order (a q, k, v piece as
-    (3, rows, ...), a view of the dense tensor).
+    (3, rows, ...), a view of the dense tensor). trim: the memory of each tensor made is handed back
+    once it is written (False for tensors in reused memory: in_reused_memory).
 
     Hand-written because safetensors' save_file takes every tensor of a file at once (a whole rank in
     memory) and cannot hash while it writes; the format itself is a JSON header and raw bytes. Each
@@ -363,7 +374,7 @@ def write_safetensors(
     process holds about two tensors, not the file.
     """
     files = [(path, layout, metadata)]
-    return write_safetensors_files(files, lambda _, name: produce(name), progress, sha256=sha256)[0]
+    return write_safetensors_files(files, lambda _, name: produce(name), progress, sha256=sha256, trim=trim)[0]
 
 
 SafetensorsFile = tuple[Path, Layout, dict[str, str]]  # where, its tensors, its metadata
@@ -375,6 +386,7 @@ def write_safetensors_files(
     progress: Progress | None = None,
     *,
     sha256: bool = True,
+    trim: bool = True,
 ) -> list[str | None]:
     """write_safetensors of several files side by side, produce(i, name) giving the tensors of files[i]:
     the first tensor of each file in turn, then the second, ..., so that each file's hash (a sequence
@@ -393,7 +405,7 @@ def write_safetensors_files(
         longest = max(len(layout) for _, layout, _ in files)
         order = [(i, layout[at]) for at in range(longest) for i, (_, layout, _) in enumerate(files) if at < len(layout)]
         for (index, entry), tensor in made_ahead(order, lambda item: produce(item[0], item[1][0])):
-            _write_out(outs[index], tensor, entry, progress)
+            _write_out(outs[index], tensor, entry, progress, trim)
             del tensor  # before the one after the next is made
         return [out.close() for out in outs]
 
@@ -427,11 +439,15 @@ def _header(layout: Layout, metadata: dict[str, str]) -> bytes:
 
 
 def _write_out(
-    out: OutputFile, tensor: torch.Tensor, entry: tuple[str, torch.dtype, tuple[int, ...]], progress: Progress | None
+    out: OutputFile,
+    tensor: torch.Tensor,
+    entry: tuple[str, torch.dtype, tuple[int, ...]],
+    progress: Progress | None,
+    trim: bool,
 ) -> None:
     """One tensor of the layout (entry) into out: in its shape, or in one that holds the same elements
     in order. Then its memory-mapped pages dropped (the buffers are written and hashed, not the tensor),
-    or, one made in memory, its memory handed back (trim_free_memory)."""
+    or, one made in memory of its own (trim), its memory handed back (trim_free_memory)."""
     name, dtype, shape = entry
     assert tensor.dtype == dtype and tensor.numel() == math.prod(shape), name
     out.write_tensor(tensor)
@@ -440,7 +456,7 @@ def _write_out(
         progress(size)
     made = not drop_file_pages(tensor)
     del tensor  # before the next is made: the allocator reuses its memory
-    if made:
+    if made and trim:
         trim_free_memory(size)
 
 

@@ -84,10 +84,11 @@ class _Pickler(pickle.Pickler):
         return None
 
 
-def save_streamed(obj: object, path: Path, progress: Progress | None = None) -> None:
+def save_streamed(obj: object, path: Path, progress: Progress | None = None, *, trim: bool = True) -> None:
     """torch.save(obj, path), two tensors in memory at a time: each Deferred is made while the record
     before it is written (tensorfile.made_ahead), and every tensor's memory-mapped pages are dropped once
-    it is (see the module's docstring)."""
+    it is (see the module's docstring). trim: the memory of each tensor made is handed back once it is
+    written (False for Deferreds made in reused memory: tensorfile.in_reused_memory)."""
     buffer = io.BytesIO()
     pickler = _Pickler(buffer)
     pickler.dump(obj)
@@ -96,9 +97,9 @@ def save_streamed(obj: object, path: Path, progress: Progress | None = None) -> 
     # PyTorch's writer on a file opened here (as torch.save opens one it is given, not a path): the
     # archive's folder is "archive", not named after the temporary file it is written as; an OutputFile,
     # which copies each record the zip writer hands over whole into its buffers
-    size = sum(item.dtype.itemsize * math.prod(item.shape) for _, item in pickler.records)
+    total = sum(item.dtype.itemsize * math.prod(item.shape) for _, item in pickler.records)
     with (
-        OutputFile(path, size=size) as file,
+        OutputFile(path, size=total) as file,
         torch.serialization._open_zipfile_writer(file) as writer,
         one_thread(),
     ):
@@ -115,7 +116,7 @@ def save_streamed(obj: object, path: Path, progress: Progress | None = None) -> 
             del data
             made = not drop_file_pages(tensor)  # else a view of a mapped file: nothing to free
             del tensor  # before the one after the next is made: two tensors alive at a time
-            if made:
+            if made and trim:
                 trim_free_memory(size)  # the writer's own small allocations pin the freed memory otherwise
             if progress:
                 progress(size)
