@@ -2,29 +2,21 @@
 is read; a hash begun early is taken up only for the very file it was begun for."""
 
 import hashlib
-import mmap
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tpshard.errors import TpshardError
 from tpshard.files import digests
 
 
-@pytest.mark.parametrize("mapped", [True, False])
-def test_a_files_sha256_is_hashlibs(mapped: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Empty, under a page, across windows, across read buffers; mapped, or read where the file cannot
-    be mapped. Progress gets every byte once."""
-    monkeypatch.setattr(digests, "WINDOW_BYTES", 3 * mmap.PAGESIZE)
-    if not mapped:
-
-        def refuse(*args: object, **kwargs: object) -> None:
-            raise OSError("no mmap here")
-
-        monkeypatch.setattr(mmap, "mmap", refuse)
-    for size in (0, 1, 4097, 3 * mmap.PAGESIZE, digests.READ_BYTES + 5, 7 * digests.READ_BYTES + 5):
+def test_a_files_sha256_is_hashlibs(tmp_path: Path) -> None:
+    """Empty, under a page, across read buffers. Progress gets every byte once."""
+    for size in (0, 1, 4097, digests.READ_BYTES, digests.READ_BYTES + 5, 3 * digests.READ_BYTES + 5):
         data = os.urandom(size)
         (tmp_path / "f").write_bytes(data)
         done: list[int] = []
@@ -32,10 +24,79 @@ def test_a_files_sha256_is_hashlibs(mapped: bool, tmp_path: Path, monkeypatch: p
         assert sum(done) == size
 
 
+def cut_short_once_read(path: Path) -> Callable[[int], None]:
+    """A progress that cuts path's file to half its size the first time it is called."""
+    size = path.stat().st_size
+
+    def cut(_: int) -> None:
+        if path.stat().st_size == size:
+            os.truncate(path, size // 2)
+
+    return cut
+
+
+def test_a_file_cut_short_while_hashed_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Truncated between two reads: the file changed, said in one line, never a digest of part of it."""
+    monkeypatch.setattr(digests, "READ_BYTES", 4096)
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(10 * 4096))
+    with pytest.raises(TpshardError, match="changed while it was being hashed") as failed:
+        digests.sha256_file(path, cut_short_once_read(path))
+    assert str(failed.value).startswith(f"{path}: ") and "\n" not in str(failed.value)
+
+
+def test_the_workers_outlive_every_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file cut short while a worker hashes it, or a failure of any other kind, more of them than
+    there are workers: each digest() raises one line, and a hash begun after still ends."""
+    monkeypatch.setattr(digests, "READ_BYTES", 4096)
+    real = digests._hash
+
+    def cut_short(path: Path, expected: digests.Identity | None, progress: object) -> str:
+        return real(path, expected, cut_short_once_read(path))
+
+    def bug(*_: object) -> str:
+        raise KeyError("a bug")
+
+    failures = []
+    for i in range(2 * (os.cpu_count() or 1) + 1):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(os.urandom(10 * 4096))
+        monkeypatch.setattr(digests, "_hash", cut_short if i % 2 else bug)
+        message = "changed while it was being hashed" if i % 2 else "cannot hash it .KeyError"
+        failures.append((digests.take(path), message))
+        assert wait(failures[-1][0])  # before the next _hash is patched in
+    monkeypatch.setattr(digests, "_hash", real)
+    for digest, message in failures:
+        with pytest.raises(TpshardError, match=message):
+            digest.digest()
+    (tmp_path / "good").write_bytes(b"good")
+    good = digests.take(tmp_path / "good")
+    assert wait(good) and good.digest() == hashlib.sha256(b"good").hexdigest()
+
+
+def wait(digest: digests.FileHash, timeout: float = 30) -> bool:
+    """Whether digest's hash ended within timeout (digest() would wait for ever on a dead worker)."""
+    return digest._finished.wait(timeout)
+
+
+def test_a_file_changed_since_it_was_hashed_fails_its_digest(tmp_path: Path) -> None:
+    """Its modification time put back, its size the same: its change time, which no one sets, moved."""
+    path = tmp_path / "f"
+    path.write_bytes(b"one")
+    digest = digests.take(path)
+    assert digest.digest() == hashlib.sha256(b"one").hexdigest()
+    before = path.stat()
+    time.sleep(0.05)
+    path.write_bytes(b"two")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(TpshardError, match="changed since it was hashed"):
+        digest.digest()
+
+
 def test_an_early_hash_is_taken_for_the_same_file_only(tmp_path: Path) -> None:
-    """take() finds what start() began while the file is unchanged; once it changed (its size or
-    modification time), a hash of it as it is now. A missing file, or one that is not a regular file,
-    is not hashed early; taking it gives the error reading it gives."""
+    """take() finds what start() began while the file is unchanged; once it changed (its size, or its
+    contents with the modification time put back), a hash of it as it is now. A missing file, or one
+    that is not a regular file, is not hashed early; taking it gives the error reading it gives."""
     path = tmp_path / "f"
     path.write_bytes(b"one")
     digests.start(path)
@@ -45,6 +106,14 @@ def test_an_early_hash_is_taken_for_the_same_file_only(tmp_path: Path) -> None:
     time.sleep(0.01)
     path.write_bytes(b"three")
     assert digests.take(path).digest() == hashlib.sha256(b"three").hexdigest()
+    digests.start(path)
+    before = path.stat()
+    assert wait(digests.take(path))  # hashed as "three": taken, so the next start() begins anew
+    digests.start(path)
+    time.sleep(0.05)
+    path.write_bytes(b"eerht")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert digests.take(path).digest() == hashlib.sha256(b"eerht").hexdigest()
     digests.start(tmp_path)  # a directory: nothing begun
     digests.start(tmp_path / "missing")
     with pytest.raises(OSError):

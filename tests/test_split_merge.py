@@ -13,7 +13,7 @@ from conftest import BIAS_CONFIG, NO_BIAS_CONFIG
 from tpshard.comm.collectives import LOCAL
 from tpshard.comm.counting import CountingCollectives
 from tpshard.config import GPTConfig
-from tpshard.convert import merge_shards, merged_checkpoint, split_checkpoint
+from tpshard.convert import merge_shards, merge_to, merged_checkpoint, reshard, split_checkpoint
 from tpshard.errors import TpshardError
 from tpshard.files import shardset
 from tpshard.files.checkpoint import Checkpoint, model_args
@@ -332,6 +332,31 @@ def test_the_library_merges_check_the_sha256_at_once(merge, shard_dir: Path) -> 
     with pytest.raises(TpshardError, match="sha256 differs") as failed:
         merge(ShardSet.open(shard_dir))
     assert str(path) in str(failed.value)
+
+
+@pytest.mark.parametrize("output", ["pt", "safetensors", "hf", "dcp", "reshard"])
+def test_a_rank_file_changed_while_the_output_is_written_is_refused(output: str, shard_dir: Path) -> None:
+    """Rewritten in place, the same bytes, once the output is being written: its sha256 no longer
+    vouches for what was read, so nothing is written under the output's name."""
+    path = shard_dir / "rank1-of-2.safetensors"
+    shards = ShardSet.open(shard_dir)
+    hashed = sum(entry["bytes"] for entry in shards.manifest.files)  # all the checks count, the rest is written
+    done = [0]
+
+    def rewrite_once_writing(size: int) -> None:
+        done[0] += size
+        if done[0] > hashed and size:
+            done[0] = -(1 << 60)  # once
+            path.write_bytes(path.read_bytes())
+
+    out = shard_dir.parent / "out"
+    with pytest.raises(TpshardError, match="changed") as failed:
+        if output == "reshard":
+            reshard(shards, 4, out, progress=rewrite_once_writing)
+        else:
+            merge_to(shards, out, output, progress=rewrite_once_writing)
+    assert str(failed.value).startswith(f"{path}: ") and done[0] < 0
+    assert sorted(p.name for p in shard_dir.parent.iterdir()) == ["shards"]
 
 
 def test_merge_refuses_a_missing_rank_file(shard_dir: Path, cli) -> None:

@@ -209,7 +209,8 @@ class RankFileChecks:
 
     def confirm(self) -> None:
         """Wait for the rank files' sha256; raise the first, in rank order, that differs from the
-        manifest or could not be read."""
+        manifest, could not be read, or whose file changed since it was hashed (replaced or written
+        to: what was read from it may not be what was hashed)."""
         for rank, digest in enumerate(self.hashes):
             self.shards.check_sha256(rank, digest)
 

@@ -1,6 +1,7 @@
 """sha256 of whole files, hashed on background threads (file reads and hashlib release the GIL): started as
 soon as a command knows which files it reads, before torch is imported (a second of one core), and taken
-up later by the code that needs the digest. Imports no torch, so that the CLI can start them first."""
+up later by the code that needs the digest: of the file as it was when begun, which must not have changed
+since. Imports no torch, so that the CLI can start them first."""
 
 import errno
 import hashlib
@@ -12,73 +13,70 @@ import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+
+from tpshard.errors import TpshardError, first_line
 
 MANIFEST = "manifest.json"  # a shard set's: it names the rank files
 MAX_MANIFEST_BYTES = 64 << 20  # a 1000-layer model's manifest is about 1 MB
-READ_BYTES = 1 << 20  # a read buffer that stays in the core's cache
-# of the file mapped, and hashed in one call, at a time: hashlib lets go of the GIL while it hashes, and
-# takes it again after; a call of a few milliseconds is not held up much by a thread that keeps the GIL
-# for several (torch's import, say), and the pages mapped at a time stay few
-WINDOW_BYTES = 4 << 20
+# read, and hashed in one call, at a time, into one buffer: the read and hashlib let go of the GIL, and
+# take it again after; a call of a few milliseconds is not held up much by a thread that keeps the GIL
+# for several (torch's import, say). (Hashing from a memory map costs a little less CPU, but a file cut
+# short or unreadable while mapped kills the process with SIGBUS, where a read fails with one line.)
+READ_BYTES = 4 << 20
 Progress = Callable[[int], None]  # called with the number of bytes just done
+Identity = tuple[int, ...]  # a regular file's device, inode, size, modification and change times (_identity)
 
 
 def sha256_file(path: Path, progress: Progress | None = None) -> str:
-    """The file's sha256, hashed from a memory map of it a window at a time (no copy of the bytes out of
-    the page cache, as read() makes); read where the file cannot be mapped."""
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        if not _hash_mapped(f, digest, progress):
-            buffer = memoryview(bytearray(READ_BYTES))
+    """The file's sha256. Anything but a regular file is refused (OSError), and so is a file that
+    changes while it is read (TpshardError)."""
+    return _hash(Path(path), _identity(path), progress)
+
+
+def _hash(path: Path, expected: Identity | None, progress: Progress | None) -> str:
+    """sha256 of path's file, READ_BYTES at a time, if it is (and stays, until read to its end) the
+    file of identity expected."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens without waiting for a writer
+    with open(fd, "rb", buffering=0) as f:
+        found = _identity_of(os.fstat(fd))
+        if found is None:  # a FIFO would block the reader, a device never end
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        digest = hashlib.sha256()
+        # mapped for this file alone, unmapped after: a freed block of this size, the C allocator keeps
+        with mmap.mmap(-1, READ_BYTES) as memory, memoryview(memory) as buffer:
             while size := f.readinto(buffer):
-                _step(digest, buffer[:size], progress)
+                digest.update(buffer[:size])
+                if progress:
+                    progress(size)
+        if found != expected or _identity_of(os.fstat(fd)) != found:
+            raise TpshardError(f"{path}: changed while it was being hashed; run again once nothing writes to it")
     return digest.hexdigest()
 
 
-def _hash_mapped(f: BinaryIO, digest: "hashlib._Hash", progress: Progress | None) -> bool:
-    """Hash the open file from memory maps of WINDOW_BYTES; False, nothing hashed, if it cannot be mapped."""
-    size = os.fstat(f.fileno()).st_size
-    for start in range(0, size, WINDOW_BYTES):
-        try:
-            window = mmap.mmap(f.fileno(), min(WINDOW_BYTES, size - start), offset=start, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):
-            if start:
-                raise
-            return False
-        with window, memoryview(window) as view:
-            _step(digest, view, progress)
-    return True
-
-
-def _step(digest: "hashlib._Hash", data: memoryview, progress: Progress | None) -> None:
-    digest.update(data)
-    if progress:
-        progress(len(data))
-
-
 class FileHash:
-    """The sha256 of one file, computed by a background worker (see _submit). Progress attached at any
-    time gets the bytes hashed so far at once, then the rest as they are hashed."""
+    """The sha256 of one file, computed by a background worker (see _submit), of the file path was when
+    the hash was begun (identity): one that is replaced or written to from then on fails digest().
+    Progress attached at any time gets the bytes hashed so far at once, then the rest as they are hashed."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, identity: Identity | None):
         self.path = Path(path)
+        self.identity = identity
         self._lock = threading.Lock()
         self._hashed = 0
         self._progress: Progress | None = None
         self._digest: str | None = None
-        self._error: OSError | None = None
+        self._error: Exception | None = None
         self._finished = threading.Event()
         _submit(self)
 
     def run(self) -> None:
+        """Hash the file; whatever fails is kept for digest() to raise, never the worker's end."""
         try:
-            if _identity(self.path) is None:  # a FIFO would block the worker, a device never end
-                os.stat(self.path)  # missing: its own error
-                raise OSError(errno.EINVAL, "not a regular file", str(self.path))
-            self._digest = sha256_file(self.path, self._advance)
-        except OSError as e:
+            self._digest = _hash(self.path, self.identity, self._advance)
+        except (OSError, TpshardError) as e:
             self._error = e
+        except Exception as e:  # a bug's: one line too, and the worker goes on to the next file
+            self._error = TpshardError(f"{self.path}: cannot hash it ({type(e).__name__}: {first_line(e)})")
         finally:
             self._finished.set()
 
@@ -97,10 +95,14 @@ class FileHash:
         progress(hashed)
 
     def digest(self) -> str:
-        """The hex digest, once hashed; the OSError that reading the file raised, if one did."""
+        """The hex digest, once hashed, of the file that is still at path: raises the OSError reading it
+        raised, if one did, and TpshardError if it changed while it was hashed or since (its identity,
+        taken again now)."""
         self._finished.wait()
         if self._error is not None:
             raise self._error
+        if _identity(self.path) != self.identity:
+            raise TpshardError(f"{self.path}: changed since it was hashed; run again once nothing writes to it")
         assert self._digest is not None
         return self._digest
 
@@ -137,16 +139,21 @@ def _work() -> None:
         _jobs.get().run()
 
 
-def _identity(path: Path) -> tuple[int, ...] | None:
-    """(device, inode, size, modification time) of a regular file (links followed); None for anything
-    else, or nothing: a FIFO would block a reader, a device never end."""
+def _identity(path: Path) -> Identity | None:
+    """The identity of path's file (links followed) if it is a regular one; None for anything else, or
+    nothing."""
     try:
-        st = os.stat(path)
+        return _identity_of(os.stat(path))
     except (OSError, ValueError):
         return None
+
+
+def _identity_of(st: os.stat_result) -> Identity | None:
+    """(device, inode, size, modification time, change time) of a regular file, None for anything else:
+    the change time is the kernel's own, which no one sets (a modification time can be set back)."""
     if not stat.S_ISREG(st.st_mode):
         return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def start(path: Path) -> None:
@@ -155,16 +162,16 @@ def start(path: Path) -> None:
     identity = _identity(path)
     with _started_lock:
         if identity is not None and identity not in _started:
-            _started[identity] = FileHash(path)
+            _started[identity] = FileHash(path, identity)
 
 
 def take(path: Path) -> FileHash:
-    """The hash of path's file: the one start() began for this very file (the same inode, size and
-    modification time: not changed since), else one begun now."""
+    """The hash of path's file: the one start() began for this very file (its identity: not changed
+    since), else one begun now."""
     identity = _identity(path)
     with _started_lock:
         early = _started.pop(identity, None) if identity is not None else None
-    return early or FileHash(path)
+    return early or FileHash(path, identity)
 
 
 def start_rank_files(shard_dir: Path) -> None:

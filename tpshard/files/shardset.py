@@ -426,7 +426,8 @@ class ShardSet:
             raise TpshardError(f"{path}: cannot read rank {rank}'s shard file ({e.strerror})") from None
 
     def check_sha256(self, rank: int, digest: FileHash) -> None:
-        """Raise TpshardError unless digest, of rank's file (waited for), is the manifest's sha256."""
+        """Raise TpshardError unless digest, of rank's file (waited for), is the manifest's sha256, and
+        the file has not changed since it was hashed (FileHash.digest)."""
         path = self.rank_path(rank)
         try:
             found = digest.digest()
