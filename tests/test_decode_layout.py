@@ -15,9 +15,12 @@ fastest, and tpshard's linear splitting a decode step over the threads, are the 
 
 import json
 import mmap
+import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -206,3 +209,76 @@ def test_only_file_backed_pages_are_dropped(tmp_path: Path) -> None:
     assert not pages.drop_file_pages(mapped)
     assert mapped[mmap.PAGESIZE] == -1.0
     assert not pages.drop_file_pages(data.clone())  # memory of its own
+
+
+def test_a_tensors_neighbours_in_its_file_are_dropped_with_it(tmp_path: Path) -> None:
+    """Reading a tensor maps the file's pages around it too (a fault maps a large folio whole): those
+    of the tensor before it in the file, done with already, go with it, though outside its storage."""
+    if sys.platform != "linux":
+        pytest.skip("pagemap and MADV_DONTNEED: Linux")
+    before, after = torch.randn(1 << 18), torch.randn(1 << 18)  # 1 MB each, one after the other in the file
+    torch.save({"before": before, "after": after}, tmp_path / "t.pt")
+    loaded = torch.load(tmp_path / "t.pt", mmap=True, weights_only=True)
+    assert torch.equal(loaded["before"], before) and torch.equal(loaded["after"], after)  # both resident
+    assert resident(loaded["before"]) > 0
+    assert pages.drop_file_pages(loaded["after"])
+    if pages._file_mapping(loaded["after"].data_ptr()) is None:
+        pytest.skip("the kernel cannot say which mapping holds an address (PROCMAP_QUERY: Linux 6.11)")
+    assert resident(loaded["before"]) == 0
+    assert torch.equal(loaded["before"], before)  # read again from the file
+
+
+def resident(tensor: torch.Tensor) -> int:
+    """How many whole pages inside tensor's bytes are mapped in this process."""
+    kinds = pages._page_kinds(*pages._inner_pages(tensor))
+    assert kinds is not None
+    return len(kinds) - kinds.count(b"-")
+
+
+def test_a_files_mapping_is_the_kernels_own_now(tmp_path: Path) -> None:
+    """The bounds of the mapping that holds an address are asked of the kernel each time, never kept: a
+    file's mapping unmapped, its addresses belong to no file's."""
+    if sys.platform != "linux":
+        pytest.skip("/proc/self/maps: Linux")
+    (tmp_path / "f").write_bytes(b"x" * (4 * mmap.PAGESIZE))
+    with open(tmp_path / "f", "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable: frombuffer takes it quietly
+    start = torch.frombuffer(mapped, dtype=torch.uint8).data_ptr()
+    found = pages._file_mapping(start + 5)
+    if found is None:
+        pytest.skip("the kernel cannot say which mapping holds an address (PROCMAP_QUERY: Linux 6.11)")
+    assert found == (start, start + 4 * mmap.PAGESIZE)
+    assert pages._file_mapping(torch.ones(1 << 20).data_ptr()) is None  # anonymous memory
+    mapped.close()
+    assert pages._file_mapping(start + 5) is None
+
+
+def test_proc_files_open_once_whichever_threads_ask_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads that all ask for /proc/self/pagemap first, at once, get one file, opened once."""
+    if sys.platform != "linux":
+        pytest.skip("/proc/self/pagemap: Linux")
+    monkeypatch.setattr(pages, "_proc_fds", {})
+    opened = []
+    real_open = os.open
+
+    def slow_open(*args: object, **kwargs: object) -> int:
+        time.sleep(0.05)  # every thread inside the first use together
+        fd = real_open(*args, **kwargs)
+        opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(os, "open", slow_open)
+    start = threading.Barrier(8)
+    got = []
+
+    def ask() -> None:
+        start.wait()
+        got.append(pages._proc_self("pagemap"))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(opened) == 1 and got == opened * 8
+    os.close(opened[0])

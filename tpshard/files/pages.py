@@ -6,22 +6,24 @@ RSS stays near one tensor's worth, not the model's: the pages stay in the kernel
 later read maps them again from there (or from the file) as they were.
 """
 
-import bisect
 import ctypes
+import fcntl
 import functools
 import mmap
 import os
 import sys
+import threading
 
 import torch
 
 MADV_DONTNEED = 4
 TRIM_MARGIN = 8 << 20
 LARGE_FOLIO = 2 << 20  # the most that one fault on a file's page maps (a large folio, up to a PMD)
-# /proc/self/pagemap: 8 bytes per page, little-endian; the last byte's top bits are bit 63 (present), 62
-# (swapped) and 61 (backed by a file). Each such byte mapped to what the page is: H, it holds data of its
-# own (present and anonymous: written since it was mapped, copy-on-write; or swapped out); F, a file's
-# page, present; "-", neither (not present).
+# /proc/self/pagemap: 8 bytes per page, in the machine's byte order; the top byte's top bits are bit 63
+# (present), 62 (swapped) and 61 (backed by a file). Each such byte mapped to what the page is: H, it
+# holds data of its own (present and anonymous: written since it was mapped, copy-on-write; or swapped
+# out); F, a file's page, present; "-", neither (not present).
+_TOP_BYTE = 7 if sys.byteorder == "little" else 0
 _PAGE_KINDS = bytes(
     ord("H") if top & 0b010 or top & 0b101 == 0b100 else ord("F") if top & 0b101 == 0b101 else ord("-")
     for top in (byte >> 5 for byte in range(256))
@@ -47,17 +49,20 @@ def drop_file_pages(tensor: torch.Tensor) -> bool:
     kinds = _page_kinds(start, end)
     if kinds is None or b"H" in kinds or b"F" not in kinds:
         return False  # some page is anonymous (or swapped), or none is mapped from a file
-    _drop_around(start, end)
+    _drop_around(tensor, start, end)
     return _madvise_dontneed(start, end)
 
 
-def _drop_around(start: int, end: int) -> None:
-    """Drop the pages within LARGE_FOLIO before and after [start, end), in the mapping of the file that
-    holds it, where none of them holds data of its own: reading the range mapped them (a fault maps a
-    file's large folio whole), and the neighbours they belong to may be done with already."""
+def _drop_around(tensor: torch.Tensor, start: int, end: int) -> None:
+    """Drop the pages within LARGE_FOLIO before and after [start, end), where none of them holds data
+    of its own: reading the range mapped them (a fault maps a file's large folio whole), and the
+    neighbours they belong to may be done with already. Only inside the mapping of the file that
+    holds the tensor, which the tensor keeps mapped: as the kernel tells it now (_file_mapping), else
+    the tensor's own storage (a view's elements may be a part of it)."""
     mapping = _file_mapping(start)
-    if mapping is None or end <= start:
-        return
+    if mapping is None:
+        storage = tensor.untyped_storage()
+        mapping = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
     for lo, hi in ((max(mapping[0], start - LARGE_FOLIO), start), (end, min(mapping[1], end + LARGE_FOLIO))):
         kinds = _page_kinds(lo, hi)
         if kinds is not None and b"H" not in kinds and b"F" in kinds:
@@ -93,52 +98,51 @@ def _page_kinds(start: int, end: int) -> bytes | None:
     if end <= start:
         return None
     try:
-        raw = os.pread(_pagemap(), (end - start) // page * 8, start // page * 8)
+        raw = os.pread(_proc_self("pagemap"), (end - start) // page * 8, start // page * 8)
     except OSError:
         return None
-    return raw[7::8].translate(_PAGE_KINDS) if len(raw) == (end - start) // page * 8 else None
+    return raw[_TOP_BYTE::8].translate(_PAGE_KINDS) if len(raw) == (end - start) // page * 8 else None
 
 
-_file_mappings: tuple[list[int], list[int]] = ([], [])  # starts and ends of this process's mapped files
+class _MapQuery(ctypes.Structure):
+    """Linux's struct procmap_query (<linux/fs.h>): the mapping that holds an address, asked of
+    /proc/self/maps with the PROCMAP_QUERY ioctl (Linux 6.11)."""
+
+    _fields_ = [
+        *((name, ctypes.c_uint64) for name in ("size", "query_flags", "query_addr", "vma_start", "vma_end")),
+        *((name, ctypes.c_uint64) for name in ("vma_flags", "vma_page_size", "vma_offset", "inode")),
+        *((name, ctypes.c_uint32) for name in ("dev_major", "dev_minor", "vma_name_size", "build_id_size")),
+        *((name, ctypes.c_uint64) for name in ("vma_name_addr", "build_id_addr")),
+    ]
+
+
+_PROCMAP_QUERY = 3 << 30 | ctypes.sizeof(_MapQuery) << 16 | ord("f") << 8 | 17  # _IOWR('f', 17, struct procmap_query)
+_FILE_BACKED_VMA = 0x20
 
 
 def _file_mapping(address: int) -> tuple[int, int] | None:
-    """[start, end) of the mapping of a file that holds address, from /proc/self/maps (read again when
-    address is in none of those read before); None when no file's mapping holds it."""
-    global _file_mappings
-    for reread in (False, True):
-        if reread:
-            _file_mappings = _read_file_mappings()
-        starts, ends = _file_mappings
-        at = bisect.bisect_right(starts, address) - 1
-        if at >= 0 and address < ends[at]:
-            return starts[at], ends[at]
-    return None
-
-
-def _read_file_mappings() -> tuple[list[int], list[int]]:
-    found = []
+    """[start, end) of the mapping of a file that holds address, as it is now; None when no file's
+    mapping holds it, or the kernel cannot say (before Linux 6.11)."""
+    query = _MapQuery(size=ctypes.sizeof(_MapQuery), query_flags=_FILE_BACKED_VMA, query_addr=address)
     try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) >= 6 and fields[4] != "0":  # an inode: a file
-                    start, end = fields[0].split("-")
-                    found.append((int(start, 16), int(end, 16)))
+        fcntl.ioctl(_proc_self("maps"), _PROCMAP_QUERY, query)
     except OSError:
-        return [], []
-    return [start for start, _ in found], [end for _, end in found]
+        return None
+    return query.vma_start, query.vma_end
 
 
-_pagemap_fd: tuple[int, int] = (-1, -1)  # (pid, fd): /proc/self is the process that opened it
+_proc_fds: dict[str, tuple[int, int]] = {}  # name -> (pid, fd): /proc/self is the process that opened it
+_proc_lock = threading.Lock()  # pages are dropped on several threads: one opens each file
 
 
-def _pagemap() -> int:
-    """This process's /proc/self/pagemap, opened once (again in a forked child)."""
-    global _pagemap_fd
-    if _pagemap_fd[0] != os.getpid():
-        _pagemap_fd = (os.getpid(), os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC))
-    return _pagemap_fd[1]
+def _proc_self(name: str) -> int:
+    """/proc/self/<name>, open for reading: once per process (again in a forked child)."""
+    with _proc_lock:
+        pid, fd = _proc_fds.get(name, (-1, -1))
+        if pid != os.getpid():
+            fd = os.open(f"/proc/self/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            _proc_fds[name] = os.getpid(), fd
+        return fd
 
 
 def _madvise_dontneed(start: int, end: int) -> bool:
