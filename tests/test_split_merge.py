@@ -4,6 +4,7 @@ the c_proj bias added once, and every refusal (one line, exit 2, nothing half-wr
 import errno
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from tpshard.comm.counting import CountingCollectives
 from tpshard.config import GPTConfig
 from tpshard.convert import merge_shards, merge_to, merged_checkpoint, reshard, split_checkpoint
 from tpshard.errors import TpshardError
-from tpshard.files import shardset
+from tpshard.files import shardset, tensorfile
 from tpshard.files.checkpoint import Checkpoint, model_args
 from tpshard.files.hf import hf_state_dict
 from tpshard.files.nanogpt import nanogpt_dict, save_checkpoint
@@ -357,6 +358,34 @@ def test_a_rank_file_changed_while_the_output_is_written_is_refused(output: str,
             merge_to(shards, out, output, progress=rewrite_once_writing)
     assert str(failed.value).startswith(f"{path}: ") and done[0] < 0
     assert sorted(p.name for p in shard_dir.parent.iterdir()) == ["shards"]
+
+
+def test_a_full_disk_on_the_writer_thread_is_one_line(
+    bias_ckpt: Path, shard_dir: Path, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while a full buffer is written on an OutputFile's writer thread (buffers of 4 kB:
+    the tiny model fills many), in every writer: one line, nothing left behind, not even a temporary."""
+    monkeypatch.setattr(tensorfile, "BUFFER_BYTES", 4096)
+    monkeypatch.setattr(tensorfile, "BUFFERS", 2)
+    real_writev = os.writev
+    failed_on = set()
+
+    def writev(fd: int, buffers: list) -> int:
+        if threading.current_thread().name != "tpshard-write":
+            return real_writev(fd, buffers)
+        failed_on.add(fd)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "writev", writev)
+    work = shard_dir.parent
+    before = sorted(p.name for p in work.iterdir())
+    runs = [["split", bias_ckpt, "--tp", 2, "-o", work / "s"], ["reshard", shard_dir, "--tp", 4, "-o", work / "tp4"]]
+    runs += [["merge", shard_dir, "-o", work / fmt, "--format", fmt] for fmt in ("pt", "safetensors", "hf", "dcp")]
+    for argv in runs:
+        failed_on.clear()
+        err = one_line_error(*cli(*argv))
+        assert "writing failed" in err and os.strerror(errno.ENOSPC) in err and failed_on, (argv, err)
+    assert sorted(p.name for p in work.iterdir()) == before
 
 
 def test_merge_refuses_a_missing_rank_file(shard_dir: Path, cli) -> None:

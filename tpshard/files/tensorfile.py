@@ -97,17 +97,16 @@ DIRECT_BYTES = 256 << 20  # outputs from this size on bypass the page cache
 
 
 class OutputFile:
-    """A new file, written front to back through BUFFERS page-aligned buffers of BUFFER_BYTES (with
-    O_DIRECT, DIRECT_BUFFER_BYTES): write() and write_tensor() fill them, and each full one goes out on
-    a writer thread while the next fills (hashed on another one first, with sha256=True). size, about
-    the bytes it will hold: from DIRECT_BYTES on, O_DIRECT where the file system takes it. close()
-    writes the last, partial buffer, fsyncs and returns the sha256 (None without). Also a file object
-    for torch's own writers: tell(), fileno(), and a flush() that does nothing (the buffers go out as
-    they fill, the last at close)."""
+    """A new file, written front to back through BUFFERS page-aligned buffers of BUFFER_BYTES (from
+    DIRECT_BYTES on, DIRECT_BUFFER_BYTES), and a scratch buffer of the same size: write() and
+    write_tensor() fill them, and each full one goes out on a writer thread while the next fills (hashed
+    on another one first, with sha256=True). size, about the bytes it will hold: from DIRECT_BYTES on,
+    O_DIRECT where the file system takes it. close() writes the last, partial buffer, fsyncs and returns
+    the sha256 (None without). Also a file object for torch's own writers: tell(), fileno(), and a
+    flush() that does nothing (the buffers go out as they fill, the last at close)."""
 
     def __init__(self, path: Path, *, sha256: bool = False, size: int = 0):
-        self._fd, self._direct = _open_for_writing(Path(path), direct=size >= DIRECT_BYTES)
-        self._size = DIRECT_BUFFER_BYTES if self._direct else BUFFER_BYTES
+        self._size = DIRECT_BUFFER_BYTES if size >= DIRECT_BYTES else BUFFER_BYTES
         # page-aligned, as O_DIRECT needs; touched at once, so that a file's memory is the same however
         # much it holds
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
@@ -122,22 +121,31 @@ class OutputFile:
             written.set()
         self._to_write: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # full buffers; None: no more
         self._write_error: BaseException | None = None
-        self._writer = threading.Thread(target=self._write_full_buffers, name="tpshard-write", daemon=True)
-        self._writer.start()
         self._digest = hashlib.sha256() if sha256 else None
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpshard-hash") if sha256 else None
         self._closed = False
         self._result: str | None = None
+        self._failure: BaseException | None = None  # what ended the file unfinished, for every close() to raise
+        self._writer = threading.Thread(target=self._write_full_buffers, name="tpshard-write", daemon=True)
+        self._fd, self._direct = _open_for_writing(Path(path), direct=size >= DIRECT_BYTES)  # last: nothing to leak
+        try:
+            self._writer.start()
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     def __enter__(self) -> "OutputFile":
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _: object) -> None:
         if kind is None:
             self.close()
         elif not self._closed:  # failed: the caller removes the file
-            self._closed = True
+            # a write's failure is the cause: torch's zip writer, say, reports only that it came up short
+            self._closed, self._failure = True, self._write_error or error
             self._shutdown()
+            if self._failure is not error:
+                raise self._failure
 
     def write(self, data: object) -> int:
         view = memoryview(data).cast("B")
@@ -264,25 +272,34 @@ class OutputFile:
         self._direct = on
 
     def close(self) -> str | None:
-        """Write what is left, fsync; the file's sha256 (None without sha256=True). Once; again, the same."""
+        """Write what is left, fsync; the file's sha256 (None without sha256=True). Once; again, the same
+        answer: the sha256, or what failed the first time, raised again."""
+        if self._failure is not None:
+            raise self._failure
         if self._closed:
             return self._result
         self._closed = True
         try:
-            self._stop_writer()
-            for turn in range(BUFFERS):
-                self._done_with(turn)
-            tail = self._buffer(self._turn, self._fill)
-            if self._digest is not None:
-                self._digest.update(tail)
-            if self._direct and len(tail) % ALIGN:
-                self._set_direct(False)  # the last block is partial
-            self._write_views([tail])
-            os.fsync(self._fd)
+            self._finish()
+        except BaseException as e:
+            self._failure = e
+            raise
         finally:
             self._shutdown()
         self._result = self._digest.hexdigest() if self._digest is not None else None
         return self._result
+
+    def _finish(self) -> None:
+        self._stop_writer()
+        for turn in range(BUFFERS):
+            self._done_with(turn)
+        tail = self._buffer(self._turn, self._fill)
+        if self._digest is not None:
+            self._digest.update(tail)
+        if self._direct and len(tail) % ALIGN:
+            self._set_direct(False)  # the last block is partial
+        self._write_views([tail])
+        os.fsync(self._fd)
 
     def _stop_writer(self) -> None:
         self._to_write.put(None)
