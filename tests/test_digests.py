@@ -2,6 +2,7 @@
 is read; a hash begun early is taken up only for the very file it was begun for."""
 
 import hashlib
+import json
 import os
 import signal
 import time
@@ -12,6 +13,7 @@ import pytest
 
 from tpshard.errors import TpshardError
 from tpshard.files import digests
+from tpshard.files.manifest_file import MANIFEST, MAX_MANIFEST_BYTES, start_hashing_rank_files
 
 
 def test_a_files_sha256_is_hashlibs(tmp_path: Path) -> None:
@@ -144,3 +146,30 @@ def test_a_forked_child_hashes_with_workers_of_its_own(tmp_path: Path) -> None:
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_rank_files_are_hashed_early_under_the_names_a_manifest_may_give(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain name of the set's own folder only (never a path, '..', the manifest, a non-string); a
+    manifest that is damaged, too large or not a regular file (a FIFO would block a reader) begins none."""
+    started: list[Path] = []
+    monkeypatch.setattr(digests, "start", started.append)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    entries = ["rank0-of-2.safetensors", "../outside", "manifest.json", 5, "", "rank1-of-2.safetensors"]
+    (shards / MANIFEST).write_text(json.dumps({"files": [{"file": name} for name in entries]}))
+    start_hashing_rank_files(shards)
+    assert started == [shards / "rank0-of-2.safetensors", shards / "rank1-of-2.safetensors"]
+    started.clear()
+    for damage in ("not json", "fifo", "too large", "no files"):
+        (shards / MANIFEST).unlink()
+        if damage == "fifo":
+            os.mkfifo(shards / MANIFEST)
+        elif damage == "too large":
+            with open(shards / MANIFEST, "wb") as f:
+                f.truncate(MAX_MANIFEST_BYTES + 1)
+        else:
+            (shards / MANIFEST).write_text("{" if damage == "not json" else "{}")
+        start_hashing_rank_files(shards)
+    assert started == []

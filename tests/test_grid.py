@@ -16,8 +16,9 @@ from tpshard.config import GPTConfig
 from tpshard.convert import merge_shards, split_checkpoint
 from tpshard.describe import block_flow, split_plan
 from tpshard.errors import TpshardError
+from tpshard.files.manifest_file import MANIFEST
 from tpshard.files.paths import load_checkpoint
-from tpshard.files.shardset import MANIFEST, ShardSet
+from tpshard.files.shardset import ShardSet
 from tpshard.model import GPT
 from tpshard.parallel import plan
 from tpshard.parallel.grid import ParallelDims, Placement

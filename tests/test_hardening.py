@@ -34,8 +34,9 @@ from tpshard.config import GPTConfig
 from tpshard.convert import merge_shards, split_checkpoint
 from tpshard.errors import TpshardError
 from tpshard.files.checkpoint import model_args
+from tpshard.files.manifest_file import MANIFEST
 from tpshard.files.paths import load_checkpoint
-from tpshard.files.shardset import MANIFEST, ShardSet, tensor_table
+from tpshard.files.shardset import ShardSet, tensor_table
 from tpshard.model import GPT
 from tpshard.parallel.plan import dense_shapes
 from tpshard.testing import random_weights

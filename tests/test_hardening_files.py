@@ -26,8 +26,9 @@ from conftest import BIAS_CONFIG, CHARS, write_nanogpt_checkpoint
 from test_hardening import snapshot
 
 from tpshard.config import GPTConfig
+from tpshard.files.manifest_file import MANIFEST
 from tpshard.files.paths import load_checkpoint
-from tpshard.files.shardset import MANIFEST, ShardSet
+from tpshard.files.shardset import ShardSet
 from tpshard.runtime.programs import Trace
 from tpshard.verify.numerics import compare
 

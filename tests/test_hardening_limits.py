@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from tpshard.cli.app import app
 from tpshard.convert import split_checkpoint
+from tpshard.files.manifest_file import MANIFEST
 from tpshard.files.paths import load_checkpoint
-from tpshard.files.shardset import MANIFEST
 from tpshard.generation import SEED_MAX, Sampling, TokenPicker
 from tpshard.verify.run import MAX_BATCH
 

@@ -10,7 +10,7 @@ import torch
 from conftest import BIAS_CONFIG, ITER_NUM, NO_BIAS_CONFIG
 
 from tpshard.describe import block_flow
-from tpshard.files.tensorfile import sha256_file
+from tpshard.files.digests import sha256_file
 
 
 def inspect_json(cli, *args: object) -> tuple[int, dict]:

@@ -14,8 +14,9 @@ from tpshard.config import GPTConfig
 from tpshard.convert import merge_shards, reshard, split_checkpoint
 from tpshard.errors import TpshardError
 from tpshard.files.checkpoint import Checkpoint, model_args
+from tpshard.files.manifest_file import MANIFEST
 from tpshard.files.paths import load_checkpoint
-from tpshard.files.shardset import MANIFEST, ShardSet
+from tpshard.files.shardset import ShardSet
 from tpshard.files.tensorfile import data_offsets
 from tpshard.generation import Sampling, TokenPicker, generate
 from tpshard.model import GPT
@@ -160,7 +161,7 @@ def test_a_last_stage_copy_that_differs_from_wte_is_refused(ckpt: Checkpoint, tm
     """The manifest says tied; a set whose two copies differ was modified (its checksums re-forged)."""
     from safetensors.torch import save_file
 
-    from tpshard.files.tensorfile import sha256_file
+    from tpshard.files.digests import sha256_file
 
     shards = split(ckpt, tmp_path / "s", 1, 2)
     path = shards.rank_path(1)

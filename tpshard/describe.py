@@ -9,7 +9,6 @@ reports, or dumps them as JSON (every report is a dataclass of plain values).
     rank_file    one rank's .safetensors: which rank of which set, its tensors
 """
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,10 +19,12 @@ from tpshard.config import GPTConfig
 from tpshard.convert import choose_stages
 from tpshard.errors import TpshardError
 from tpshard.files.checkpoint import Checkpoint, model_args
+from tpshard.files.digests import sha256_file
+from tpshard.files.manifest_file import MANIFEST, read_manifest
 from tpshard.files.nanogpt import read_checkpoint_file
 from tpshard.files.paths import Kind, checkpoint_file, kind_of, load_checkpoint
-from tpshard.files.shardset import MANIFEST, Manifest, ShardSet, rank_file_identity, tensor_table
-from tpshard.files.tensorfile import DTYPE_NAMES, DTYPES, NAMES_BY_CODE, open_safetensors, sha256_file
+from tpshard.files.shardset import Manifest, ShardSet, rank_file_identity, tensor_table
+from tpshard.files.tensorfile import DTYPE_NAMES, DTYPES, NAMES_BY_CODE, open_safetensors
 from tpshard.parallel import plan, sequence
 from tpshard.parallel.grid import ParallelDims, Stages, check_tp, valid_tp_sizes
 from tpshard.tokenizer import find_tokenizer
@@ -644,9 +645,9 @@ def _listing(path: Path, rank: int) -> dict | None:
     """The manifest entry beside the file that lists it as this rank, if any (read as plain JSON: a
     lone rank file is worth describing even when its set's manifest is damaged)."""
     try:
-        files = json.loads((path.parent / MANIFEST).read_text(encoding="utf-8")).get("files", [])
+        files = read_manifest(path.parent).get("files", [])  # type: ignore[union-attr]
         return next((e for e in files if e.get("file") == path.name and e.get("rank") == rank), None)
-    except (OSError, ValueError, AttributeError):
+    except (TpshardError, AttributeError, TypeError):
         return None
 
 

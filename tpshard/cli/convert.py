@@ -167,13 +167,13 @@ def merge(
     best_val_loss, config; wte and lm_head tied) that nanoGPT's sample.py loads; its optimizer entry
     is None, since shards carry no optimizer state.
     """
-    from tpshard.files import digests
+    from tpshard.files.manifest_file import start_hashing_rank_files
 
     if os.path.lexists(out) and not force:  # a dangling link or a link loop is a name taken too
         raise TpshardError(f"{out}: already exists; choose another output or pass --force to replace it")
     if out.is_dir() and format not in (MergeFormat.hf, MergeFormat.dcp):
         raise TpshardError(f"{out}: is a directory, expected a file name for the merged checkpoint")
-    digests.start_rank_files(shards)  # hashed while torch is imported
+    start_hashing_rank_files(shards)  # while torch is imported
 
     from tpshard.convert import merge_to
     from tpshard.files.shardset import ShardSet
@@ -209,9 +209,9 @@ def reshard(
 
     The rank files are byte-identical to splitting the original checkpoint with the new grid.
     """
-    from tpshard.files import digests
+    from tpshard.files.manifest_file import start_hashing_rank_files
 
-    digests.start_rank_files(shards)  # hashed while torch is imported
+    start_hashing_rank_files(shards)  # while torch is imported
 
     from tpshard.convert import choose_stages, planned_bytes
     from tpshard.convert import reshard as reshard_set

@@ -5,7 +5,6 @@ since. Imports no torch, so that the CLI can start them first."""
 
 import errno
 import hashlib
-import json
 import mmap
 import os
 import queue
@@ -16,8 +15,6 @@ from pathlib import Path
 
 from tpshard.errors import TpshardError, first_line
 
-MANIFEST = "manifest.json"  # a shard set's: it names the rank files
-MAX_MANIFEST_BYTES = 64 << 20  # a 1000-layer model's manifest is about 1 MB
 # read, and hashed in one call, at a time, into one buffer: the read and hashlib let go of the GIL, and
 # take it again after; a call of a few milliseconds is not held up much by a thread that keeps the GIL
 # for several (torch's import, say). (Hashing from a memory map costs a little less CPU, but a file cut
@@ -172,19 +169,3 @@ def take(path: Path) -> FileHash:
     with _started_lock:
         early = _started.pop(identity, None) if identity is not None else None
     return early or FileHash(path, identity)
-
-
-def start_rank_files(shard_dir: Path) -> None:
-    """Begin hashing the rank files that a shard set's manifest names, before the manifest is checked
-    (which needs torch): plain names in shard_dir, regular files only. Anything unexpected is skipped,
-    for ShardSet.open to report."""
-    manifest = Path(shard_dir) / MANIFEST
-    try:
-        if _identity(manifest) is None or manifest.stat().st_size > MAX_MANIFEST_BYTES:
-            return
-        names = [entry["file"] for entry in json.loads(manifest.read_text(encoding="utf-8"))["files"]]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # ValueError: JSON, or text that is not UTF-8
-        return
-    for name in names:
-        if isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..", MANIFEST):
-            start(Path(shard_dir) / name)

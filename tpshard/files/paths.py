@@ -9,8 +9,9 @@ from tpshard.files.checkpoint import Checkpoint
 from tpshard.files.dcp import is_dcp_directory, load_dcp
 from tpshard.files.dense_safetensors import load_safetensors_checkpoint
 from tpshard.files.hf import is_hf_directory, load_hf
+from tpshard.files.manifest_file import MANIFEST
 from tpshard.files.nanogpt import load_nanogpt
-from tpshard.files.shardset import FORMAT, MANIFEST, ShardSet
+from tpshard.files.shardset import FORMAT, ShardSet
 from tpshard.files.tensorfile import open_safetensors
 
 NANOGPT_FILE = "ckpt.pt"  # in an out_dir

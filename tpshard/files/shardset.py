@@ -33,7 +33,8 @@ from tpshard.config import GPTConfig
 from tpshard.errors import TpshardError
 from tpshard.files.atomic import atomic_directory, file_status
 from tpshard.files.checkpoint import MIN_TENSORS_PER_LAYER, config_from_model_args, is_text, training_record
-from tpshard.files.digests import MANIFEST, MAX_MANIFEST_BYTES, FileHash, take
+from tpshard.files.digests import FileHash, take
+from tpshard.files.manifest_file import MANIFEST, plain_name, rank_file_name_ok, read_manifest
 from tpshard.files.tensorfile import (
     DTYPE_NAMES,
     DTYPES,
@@ -221,11 +222,6 @@ def _require(cond: bool, where: Path, what: str) -> None:
         raise TpshardError(f"{where}: invalid manifest: {what}; re-create the shard set with tpshard split")
 
 
-def _plain_name(name: object) -> bool:
-    """A file name in the shard directory itself: no path, no '..', no NUL."""
-    return isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..") and "\0" not in name
-
-
 def _check_text(data: object, where: Path) -> None:
     """Every string of the manifest (keys included) is text: JSON's "\\ud800" escapes decode to lone
     surrogates, which no file name, terminal or UTF-8 file can hold (they fail later, as tracebacks)."""
@@ -338,7 +334,7 @@ def parse_manifest(data: object, where: Path) -> Manifest:
     names = [entry["file"] for entry in files]
     _require(len(set(names)) == len(names), where, "a file is listed for two ranks")
     tokenizer = data.get("tokenizer")
-    _require(tokenizer is None or _plain_name(tokenizer), where, f"tokenizer {tokenizer!r}")
+    _require(tokenizer is None or plain_name(tokenizer), where, f"tokenizer {tokenizer!r}")
     _require(tokenizer not in (*names, MANIFEST), where, f"tokenizer {tokenizer!r} is named like a file of the set")
     source = data.get("source", {})
     _require(isinstance(source, dict), where, "source is not an object")
@@ -357,7 +353,7 @@ def _check_file_entry(entry: object, rank: int, grid: ParallelDims, where: Path)
     position = entry.get("stage", stage), entry.get("tp_rank", tp_rank)  # absent: written before grids
     _require(position == (stage, tp_rank), where, f"files[{rank}] at (stage, tp rank) {position!r}")
     name = entry.get("file")
-    _require(_plain_name(name) and name != MANIFEST, where, f"files[{rank}] name {name!r}")
+    _require(rank_file_name_ok(name), where, f"files[{rank}] name {name!r}")
     size, digest = entry.get("bytes"), entry.get("sha256")
     _require(_is_int(size) and size > 8, where, f"files[{rank}] bytes {size!r}")
     _require(isinstance(digest, str) and len(digest) == 64, where, f"files[{rank}] sha256 {digest!r}")
@@ -375,22 +371,7 @@ class ShardSet:
             raise TpshardError(f"{directory}: no such directory")
         if not directory.is_dir():
             raise TpshardError(f"{directory}: is a file, expected a shard directory (the output of tpshard split)")
-        path = directory / MANIFEST
-        size, problem = file_status(path)
-        if problem in ("missing", "a directory"):
-            raise TpshardError(f"{directory}: no {MANIFEST}; is this the output of tpshard split?")
-        if problem:
-            raise TpshardError(f"{path}: the manifest is {problem}")
-        assert size is not None
-        if size > MAX_MANIFEST_BYTES:  # read whole, so bounded first
-            raise TpshardError(f"{path}: {size:,} bytes, too large for a manifest; it is damaged")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
-            raise TpshardError(f"{path}: not valid JSON ({str(e)[:200]}); the manifest is damaged") from None
-        except OSError as e:
-            raise TpshardError(f"{path}: cannot read ({e.strerror})") from None
-        return cls(directory, parse_manifest(data, path))
+        return cls(directory, parse_manifest(read_manifest(directory), directory / MANIFEST))
 
     @property
     def tp_size(self) -> int:

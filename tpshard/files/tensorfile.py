@@ -24,7 +24,6 @@ from safetensors import SafetensorError, safe_open
 
 from tpshard.errors import TpshardError
 from tpshard.files.digests import Progress
-from tpshard.files.digests import sha256_file as sha256_file  # where inspect and verify take it from
 from tpshard.files.pages import drop_file_pages, trim_free_memory
 
 # The one dtype table: the name tpshard uses (manifest, --dtype, reports), torch's dtype, safetensors' code.

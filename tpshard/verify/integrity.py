@@ -8,9 +8,10 @@ import torch
 from tpshard.errors import TpshardError
 from tpshard.files.atomic import file_status
 from tpshard.files.checkpoint import Checkpoint
+from tpshard.files.digests import sha256_file
 from tpshard.files.pages import drop_file_pages
 from tpshard.files.shardset import ShardSet
-from tpshard.files.tensorfile import DTYPE_NAMES, data_offsets, open_safetensors, sha256_file
+from tpshard.files.tensorfile import DTYPE_NAMES, data_offsets, open_safetensors
 from tpshard.parallel import plan
 from tpshard.tokenizer import load_tokenizer_file
 from tpshard.verify.report import FileCheck, Integrity, MergeCheck

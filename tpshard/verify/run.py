@@ -9,8 +9,9 @@ import torch
 
 from tpshard.errors import TpshardError
 from tpshard.files.atomic import input_files, refuse_output_over_inputs
+from tpshard.files.manifest_file import MANIFEST
 from tpshard.files.paths import Kind, kind_of, load_checkpoint
-from tpshard.files.shardset import MANIFEST, ShardSet
+from tpshard.files.shardset import ShardSet
 from tpshard.files.tensorfile import DTYPE_NAMES
 from tpshard.generation import check_seed
 from tpshard.parallel import sequence
