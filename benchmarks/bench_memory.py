@@ -5,6 +5,7 @@ spare RAM: a GPT-2-large-shaped nanoGPT checkpoint (36 layers, 20 heads, 1280 wi
     python benchmarks/bench_memory.py              build the checkpoint (once), measure, clean up
     python benchmarks/bench_memory.py --keep       keep the 3.1 GB checkpoint for the next run
     python benchmarks/bench_memory.py --quick      a 12-layer, 768-wide model: a smoke test
+    python benchmarks/bench_memory.py --repeat 5   each command (and its floor) 5 times (default 3)
 
 Every command runs as a process of its own, the way a user runs it. This process imports no torch and
 watches each child from outside:
@@ -17,8 +18,12 @@ watches each child from outside:
                 the anonymous peak.
     written     the bytes of the command's output.
     cp + fsync  `cp -r` of that very output to a new name, then fsync of every file copied: the floor
-                for writing those bytes on this disk, the median of 3 runs right after the command.
+                for writing those bytes on this disk, measured right after each run of the command.
     floor       `python -c "import torch"` + cp + fsync: the floor for any Python tool that writes them.
+
+Each command runs --repeat times, its floor measured after each run; the table gives the medians of
+wall, CPU and floor, "x floor" the median wall over the median floor, and "range" the least and most
+of the runs' own wall / floor; the memory figures are the largest of the runs.
 
 Every command's input is in the page cache when it starts, and so is the output when the floor's cp
 reads it: each is read through once first (tpshard writes large outputs past the page cache, O_DIRECT).
@@ -117,19 +122,13 @@ def size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-FLOOR_RUNS = 3  # cp + fsync of the same bytes took 2.6 to 11 s from one minute to the next on this machine
-
-
 def copy_floor(output: Path) -> float:
-    """cp -r of output to a new name, then fsync of every file: seconds, the median of FLOOR_RUNS
-    (each copy removed after)."""
+    """cp -r of output to a new name, then fsync of every file: seconds (the copy removed after)."""
     copy = output.with_name(output.name + ".copy")
     script = f'cp -r "{output}" "{copy}" && find "{copy}" -type f -exec sync {{}} +'
-    runs = []
-    for _ in range(FLOOR_RUNS):
-        runs.append(measure(["sh", "-c", script])["wall"])
-        shutil.rmtree(copy) if copy.is_dir() else copy.unlink()
-    return statistics.median(runs)
+    wall = measure(["sh", "-c", script])["wall"]
+    remove(copy)
+    return wall
 
 
 def remove(path: Path) -> None:
@@ -183,12 +182,32 @@ def warm(path: Path) -> None:
                     pass
 
 
+Run = tuple[dict[str, float], int, float]  # a command's figures (measure), the bytes it wrote, its floor
+
+
+def run(argv: list[str], inputs: list[Path], output: Path | None, torch_s: float) -> Run:
+    """One run of a command, its inputs warm, and its floor: import torch, and cp + fsync of its output
+    (read through once first, as the command's input was)."""
+    for path in inputs:
+        warm(path)
+    if output is not None:
+        remove(output)  # the run before's
+    result = measure(argv)
+    if output is None:
+        return result, 0, torch_s
+    warm(output)
+    return result, size(output), torch_s + copy_floor(output)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint in benchmarks/out for the next run")
     parser.add_argument("--quick", action="store_true", help="a 12-layer, 768-wide model (a smoke test)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each command and of its floor (default 3)")
     parser.add_argument("--build", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat {args.repeat}: at least 1")
     shape = "quick" if args.quick else "gpt2-large"
     if args.build:
         return build(Path(args.build), shape)
@@ -204,15 +223,10 @@ def main() -> None:
     rows = []
     try:
         for name, argv, inputs, output, done in commands(ckpt):
-            for path in inputs:
-                warm(path)
-            result = measure(argv)
-            written = size(output) if output else 0
-            if output:
-                warm(output)  # as the command's input was
-            floor = torch_s + (copy_floor(output) if output else 0.0)
-            rows.append((name, result, written, floor))
-            print(f"  {name}: {result['wall']:.1f} s", flush=True)
+            runs = [run(argv, inputs, output, torch_s) for _ in range(args.repeat)]
+            rows.append((name, runs))
+            walls = ", ".join(f"{result['wall']:.1f}" for result, _, _ in runs)
+            print(f"  {name}: {walls} s", flush=True)
             if done is not None:
                 remove(done)
     finally:
@@ -223,22 +237,35 @@ def main() -> None:
     report(rows, dense)
 
 
-def report(rows: list[tuple[str, dict[str, float], int, float]], dense: int) -> None:
+def summary(runs: list[Run]) -> dict[str, float]:
+    """The medians of wall, CPU and floor, the median wall over the median floor (ratio), the least and
+    most of the runs' own wall / floor (low, high); the largest peaks of memory."""
+    median = {key: statistics.median(r[key] for r, _, _ in runs) for key in ("wall", "cpu")}
+    floor = statistics.median(f for _, _, f in runs)
+    ratios = [r["wall"] / f for r, _, f in runs]
+    peaks = {key: max(r[key] for r, _, _ in runs) for key in ("anon", "rss")}
+    return {**median, **peaks, "floor": floor, "ratio": median["wall"] / floor, "low": min(ratios), "high": max(ratios)}
+
+
+def report(rows: list[tuple[str, list[Run]]], dense: int) -> None:
     print(
         f"\n{'command':<27}{'wall s':>8}{'CPU s':>8}{'peak anon':>11}{'x model':>8}{'peak RSS':>10}{'x model':>8}"
-        f"{'written':>9}{'floor s':>9}{'x floor':>8}"
+        f"{'written':>9}{'floor s':>9}{'x floor':>8}{'range':>12}"
     )
-    for name, r, written, floor in rows:
+    figures = [(name, summary(runs), runs[-1][1]) for name, runs in rows]
+    for name, f, written in figures:
         print(
-            f"{name:<27}{r['wall']:>8.1f}{r['cpu']:>8.1f}{r['anon'] / 1e6:>8.0f} MB{r['anon'] / dense:>8.3f}"
-            f"{r['rss'] / 1e6:>7.0f} MB{r['rss'] / dense:>8.3f}{written / 1e9:>6.2f} GB{floor:>9.1f}"
-            f"{r['wall'] / floor:>8.2f}"
+            f"{name:<27}{f['wall']:>8.1f}{f['cpu']:>8.1f}{f['anon'] / 1e6:>8.0f} MB{f['anon'] / dense:>8.3f}"
+            f"{f['rss'] / 1e6:>7.0f} MB{f['rss'] / dense:>8.3f}{written / 1e9:>6.2f} GB{f['floor']:>9.1f}"
+            f"{f['ratio']:>8.2f}{f['low']:>7.2f}-{f['high']:.2f}"
         )
-    anon_ok = all(r["anon"] <= ANON_TARGET * dense for _, r, _, _ in rows)
-    writers = [(r["wall"] / floor) for _, r, written, floor in rows if written]
-    print(f"\npeak anon <= {ANON_TARGET}x the model for every command: {'met' if anon_ok else 'MISSED'}")
+    runs = len(rows[0][1]) if rows else 0
+    print(f"\n(medians of {runs} runs each; memory: the largest of them; range: the runs' own wall / floor)")
+    anon_ok = all(f["anon"] <= ANON_TARGET * dense for _, f, _ in figures)
+    writers = [f["ratio"] for _, f, written in figures if written]
+    print(f"peak anon <= {ANON_TARGET}x the model for every command: {'met' if anon_ok else 'MISSED'}")
     print(
-        f"wall <= {WALL_TARGET}x (import torch + cp + fsync of the bytes written), the writers: "
+        f"wall <= {WALL_TARGET}x (import torch + cp + fsync of the bytes written), the writers' medians: "
         f"{'met' if all(w <= WALL_TARGET for w in writers) else 'MISSED'} (worst {max(writers):.2f}x)"
     )
     print(f"(machine load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())})")
