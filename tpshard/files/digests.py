@@ -33,11 +33,14 @@ def sha256_file(path: Path, progress: Progress | None = None) -> str:
 def _hash(path: Path, expected: Identity | None, progress: Progress | None) -> str:
     """sha256 of path's file, READ_BYTES at a time, if it is (and stays, until read to its end) the
     file of identity expected."""
+    changed = TpshardError(f"{path}: changed while it was being hashed; run again once nothing writes to it")
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens without waiting for a writer
     with open(fd, "rb", buffering=0) as f:
         found = _identity_of(os.fstat(fd))
         if found is None:  # a FIFO would block the reader, a device never end
             raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if found != expected:
+            raise changed
         digest = hashlib.sha256()
         # mapped for this file alone, unmapped after: a freed block of this size, the C allocator keeps
         with mmap.mmap(-1, READ_BYTES) as memory, memoryview(memory) as buffer:
@@ -45,8 +48,8 @@ def _hash(path: Path, expected: Identity | None, progress: Progress | None) -> s
                 digest.update(buffer[:size])
                 if progress:
                     progress(size)
-        if found != expected or _identity_of(os.fstat(fd)) != found:
-            raise TpshardError(f"{path}: changed while it was being hashed; run again once nothing writes to it")
+        if _identity_of(os.fstat(fd)) != found:
+            raise changed
     return digest.hexdigest()
 
 

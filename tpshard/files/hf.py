@@ -123,7 +123,7 @@ def hf_config(config: GPTConfig) -> dict:
 
 def hf_tensors(checkpoint: Checkpoint) -> TensorSource:
     """HF GPT-2 names and layouts (lm_head left out: HF ties it to wte), each tensor made from the
-    checkpoint's only when asked for (in the checkpoint's reused memory, if its are); a Conv1D weight
+    checkpoint's only when asked for (in reused memory where the checkpoint's are); a Conv1D weight
     is a transposed view of it, which the streaming writer (tensorfile.OutputFile.write_tensor) reads
     where it lies, a block of rows at a time, never copied whole."""
     source = checkpoint.state_dict
