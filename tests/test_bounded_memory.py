@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 
@@ -106,6 +107,32 @@ def test_memory_is_handed_back_only_where_it_was_freed(ckpt: Path, tmp_path: Pat
     save_checkpoint(merged_checkpoint(shards), tmp_path / "library.pt")
     save_hf(merged_checkpoint(shards), tmp_path / "library")
     assert len(trimmed) > 2 * CONFIG.n_layer
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "pt"])
+def test_a_tensor_is_freed_before_its_memory_is_trimmed(writer: str, tmp_path: Path, monkeypatch) -> None:
+    """The trim after a tensor is written finds it freed: no reference is left to it (made_ahead's
+    included), else the trim could not hand its memory back."""
+    made: list[weakref.ref] = []
+    alive_at_trim: list[bool] = []
+
+    def make() -> torch.Tensor:
+        tensor = torch.rand(1000)
+        made.append(weakref.ref(tensor))
+        return tensor
+
+    def trim(freed: int) -> None:
+        alive_at_trim.append(made[len(alive_at_trim)]() is not None)
+
+    monkeypatch.setattr(tensorfile, "trim_free_memory", trim)
+    monkeypatch.setattr(torchzip, "trim_free_memory", trim)
+    if writer == "safetensors":
+        layout = [(f"t{i}", torch.float32, (1000,)) for i in range(3)]
+        tensorfile.write_safetensors(tmp_path / "w.safetensors", layout, lambda _: make(), {}, sha256=False)
+    else:
+        deferred = {f"t{i}": Deferred(torch.float32, (1000,), make) for i in range(3)}
+        save_streamed(deferred, tmp_path / "w.pt")
+    assert alive_at_trim == [False, False, False]
 
 
 @pytest.mark.parametrize("direct", ["taken", "refused at open", "refused at a write"])

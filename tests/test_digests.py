@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -146,6 +147,35 @@ def test_a_forked_child_hashes_with_workers_of_its_own(tmp_path: Path) -> None:
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_hash_the_parent_had_not_finished_fails_in_a_forked_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its worker stayed behind: in the child, digest() says so in one line instead of waiting forever;
+    the parent's own hash still ends."""
+    (tmp_path / "f").write_bytes(b"slow")
+    release = threading.Event()
+    real_hash = digests._hash
+
+    def held(path: Path, expected: digests.Identity | None, progress: digests.Progress | None) -> str:
+        release.wait(10)
+        return real_hash(path, expected, progress)
+
+    monkeypatch.setattr(digests, "_hash", held)
+    pending = digests.take(tmp_path / "f")
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(30)  # a child that hangs dies instead
+        try:
+            pending.digest()
+            os._exit(2)
+        except TpshardError as e:
+            os._exit(0 if "before this process forked" in str(e) else 1)
+    release.set()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert pending.digest() == hashlib.sha256(b"slow").hexdigest()
 
 
 def test_rank_files_are_hashed_early_under_the_names_a_manifest_may_give(

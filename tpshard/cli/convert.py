@@ -155,8 +155,8 @@ def merge(
         "(config.json + model.safetensors) that transformers' GPT2LMHeadModel.from_pretrained loads; dcp: a "
         "PyTorch distributed checkpoint directory (nanoGPT's names, q, k, v of c_attn stacked as (3, C, C)) that "
         "torch.distributed.checkpoint.load reads into a plain or a tensor-parallel model, resharded on load. pt, "
-        "safetensors and hf are written one tensor at a time (memory: about the largest tensor, not the model); dcp "
-        "stores each rank's piece as a chunk of its tensor, straight from the rank files (nothing copied).",
+        "safetensors and hf are written one tensor at a time (memory: about two of the largest tensor, not the "
+        "model); dcp stores each rank's piece as a chunk of its tensor, straight from the rank files (nothing copied).",
     ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:

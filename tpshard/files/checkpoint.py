@@ -10,7 +10,7 @@ import torch
 
 from tpshard.config import GPTConfig
 from tpshard.errors import TpshardError
-from tpshard.files.tensorfile import DTYPE_NAMES
+from tpshard.files.tensorfile import DTYPE_NAMES, TensorSource
 from tpshard.parallel.plan import TIED, dense_shapes
 
 COMPILE_PREFIX = "_orig_mod."  # left by torch.compile
@@ -36,7 +36,10 @@ class Checkpoint:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.state_dict["transformer.wte.weight"].dtype
+        wte = "transformer.wte.weight"
+        if isinstance(self.state_dict, TensorSource):  # from its layout: making a tensor may reuse a writer's memory
+            return next(dtype for name, dtype, _ in self.state_dict.layout if name == wte)
+        return self.state_dict[wte].dtype
 
 
 def config_from_model_args(model_args: object, path: Path) -> GPTConfig:

@@ -10,6 +10,7 @@ import os
 import queue
 import stat
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,17 +116,28 @@ _started: dict[tuple[int, ...], FileHash] = {}  # by the file's identity (see _i
 _started_lock = threading.Lock()
 
 
+_unfinished: "weakref.WeakSet[FileHash]" = weakref.WeakSet()  # submitted, not yet hashed
+
+
 def _forget_the_parents() -> None:
-    """In a forked child: the parent's workers did not come along (and a lock may have been held)."""
+    """In a forked child: the parent's workers did not come along (and a lock may have been held), so
+    a hash they had not finished never will be here: it fails, in one line, rather than wait forever."""
     global _jobs, _workers, _workers_lock, _started, _started_lock
     _jobs, _workers, _workers_lock = queue.SimpleQueue(), [], threading.Lock()
     _started, _started_lock = {}, threading.Lock()
+    for job in list(_unfinished):
+        if not job._finished.is_set():
+            job._lock, job._finished = threading.Lock(), threading.Event()
+            job._error = TpshardError(f"{job.path}: its hash was begun before this process forked; hash it again here")
+            job._finished.set()
 
 
 os.register_at_fork(after_in_child=_forget_the_parents)
 
 
 def _submit(job: FileHash) -> None:
+    with _workers_lock:
+        _unfinished.add(job)
     _jobs.put(job)
     with _workers_lock:
         if len(_workers) < (os.cpu_count() or 1):

@@ -135,6 +135,15 @@ _proc_fds: dict[str, tuple[int, int]] = {}  # name -> (pid, fd): /proc/self is t
 _proc_lock = threading.Lock()  # pages are dropped on several threads: one opens each file
 
 
+def _new_proc_lock() -> None:
+    """In a forked child: a lock another thread held at the fork would never be let go."""
+    global _proc_lock
+    _proc_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_proc_lock)
+
+
 def _proc_self(name: str) -> int:
     """/proc/self/<name>, open for reading: once per process (again in a forked child)."""
     with _proc_lock:

@@ -421,22 +421,25 @@ def write_safetensors_files(
         longest = max(len(layout) for _, layout, _ in files)
         order = [(i, layout[at]) for at in range(longest) for i, (_, layout, _) in enumerate(files) if at < len(layout)]
         for (index, entry), tensor in made_ahead(order, lambda item: produce(item[0], item[1][0])):
-            _write_out(outs[index], tensor, entry, progress, trim)
-            del tensor  # before the one after the next is made
+            own_bytes = _write_out(outs[index], tensor, entry, progress)
+            del tensor  # the last reference (made_ahead keeps none): freed before the trim
+            if own_bytes and trim:
+                trim_free_memory(own_bytes)
         return [out.close() for out in outs]
 
 
 def made_ahead(items: list[T], make: Callable[[T], torch.Tensor]) -> Iterator[tuple[T, torch.Tensor]]:
     """(item, make(item)) for each item in turn, the next one's tensor made on another thread while the
     caller uses this one's (torch's copies let go of the GIL): a writer puts the next tensor together
-    as it writes this one, on the other core. Two tensors alive at a time, not one."""
+    as it writes this one, on the other core. Two tensors alive at a time, not one; no reference to a
+    tensor is kept here once it is handed over, so that the caller's `del` frees it."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpshard-make") as maker:
         ahead = maker.submit(make, items[0]) if items else None
         for at, item in enumerate(items):
             assert ahead is not None
-            tensor = ahead.result()
+            made = [ahead.result()]  # the future that held it is replaced next: only this list holds it
             ahead = maker.submit(make, items[at + 1]) if at + 1 < len(items) else None
-            yield item, tensor
+            yield item, made.pop()
 
 
 def _header(layout: Layout, metadata: dict[str, str]) -> bytes:
@@ -459,21 +462,18 @@ def _write_out(
     tensor: torch.Tensor,
     entry: tuple[str, torch.dtype, tuple[int, ...]],
     progress: Progress | None,
-    trim: bool,
-) -> None:
+) -> int:
     """One tensor of the layout (entry) into out: in its shape, or in one that holds the same elements
-    in order. Then its memory-mapped pages dropped (the buffers are written and hashed, not the tensor),
-    or, one made in memory of its own (trim), its memory handed back (trim_free_memory)."""
+    in order. Then its memory-mapped pages dropped (the buffers are written and hashed, not the tensor).
+    Returns the bytes of memory of its own it holds (0 for a view of a mapped file): what freeing it
+    gives back."""
     name, dtype, shape = entry
     assert tensor.dtype == dtype and tensor.numel() == math.prod(shape), name
     out.write_tensor(tensor)
     size = tensor.numel() * tensor.element_size()
     if progress:
         progress(size)
-    made = not drop_file_pages(tensor)
-    del tensor  # before the next is made: the allocator reuses its memory
-    if made and trim:
-        trim_free_memory(size)
+    return 0 if drop_file_pages(tensor) else size
 
 
 @contextmanager

@@ -115,7 +115,7 @@ def save_streamed(obj: object, path: Path, progress: Progress | None = None, *, 
             _write_bytes(writer, f"data/{key}", data, size)
             del data
             made = not drop_file_pages(tensor)  # else a view of a mapped file: nothing to free
-            del tensor  # before the one after the next is made: two tensors alive at a time
+            del tensor  # the last reference (made_ahead keeps none): freed before the trim
             if made and trim:
                 trim_free_memory(size)  # the writer's own small allocations pin the freed memory otherwise
             if progress:
