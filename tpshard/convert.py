@@ -188,7 +188,7 @@ def _box(tensor: torch.Tensor, offsets: tuple[int, ...], box: torch.Tensor) -> t
 
 class RankFileChecks:
     """Every rank file against the manifest: its size and header at once, its sha256 (unless
-    checksum=False) hashed on background threads (digests), the files side by side, while the caller
+    checksum=False) hashed on background threads (digests: side by side, a core left free), while the caller
     goes on to read them; confirm() waits for the hashes. A failure is the one that checking each file
     whole, in rank order, finds first: the first failing rank; its size, then its sha256, then its
     header. progress: the bytes hashed."""

@@ -108,7 +108,9 @@ class FileHash:
         return self._digest
 
 
-# One worker per core, daemon threads: a failed or interrupted command never waits for a hash to end.
+# A worker per core but one, left to the command's own thread (torch's import, then the writer: its time
+# is the command's; on 2 cores a second worker made a merge about 5% slower, bench_memory's files), at
+# least one; daemon threads: a failed or interrupted command never waits for a hash to end.
 _jobs: "queue.SimpleQueue[FileHash]" = queue.SimpleQueue()
 _workers: list[threading.Thread] = []
 _workers_lock = threading.Lock()
@@ -140,7 +142,7 @@ def _submit(job: FileHash) -> None:
         _unfinished.add(job)
     _jobs.put(job)
     with _workers_lock:
-        if len(_workers) < (os.cpu_count() or 1):
+        if len(_workers) < max(1, (os.cpu_count() or 1) - 1):
             worker = threading.Thread(target=_work, daemon=True, name="tpshard-sha256")
             _workers.append(worker)
             worker.start()
