@@ -50,13 +50,6 @@ def _files_table(manifest, directory: Path) -> Table:
     return table
 
 
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:  # unreadable: hashing it says so
-        return 0
-
-
 @app.command()
 def split(
     checkpoint: Path = typer.Argument(..., help="nanoGPT ckpt.pt (as train.py writes it).", callback=expand_user),
@@ -105,6 +98,7 @@ def split(
     digests.start(checkpoint)  # a ckpt.pt's sha256, for the manifest: hashed while torch is imported
 
     from tpshard.convert import choose_stages, planned_bytes, split_checkpoint, tokenizer_to_ship
+    from tpshard.files.atomic import file_status
     from tpshard.files.paths import load_checkpoint
     from tpshard.files.tensorfile import DTYPES
     from tpshard.parallel.grid import ParallelDims, Stages
@@ -114,8 +108,8 @@ def split(
     grid = ParallelDims(tp, pp)
     grid.check(ckpt.config)  # before anything is written, and before the stages (a bad --tp first)
     stages = choose_stages(ckpt.config, pp, Stages.parse(stage_layers) if stage_layers else None, tp, vocab_parallel)
-    # written, and the source hashed for the manifest
-    total = planned_bytes(ckpt.config, target or ckpt.dtype, grid, stages, vocab_parallel) + _size(ckpt.path)
+    source_bytes = file_status(ckpt.path)[0] or 0  # hashed for the manifest (unreadable: hashing says so)
+    total = planned_bytes(ckpt.config, target or ckpt.dtype, grid, stages, vocab_parallel) + source_bytes
     label = f"split into {_layout(grid)}"
     with tempfile.TemporaryDirectory() as scratch, byte_progress(label, total) as progress:
         tokenizer_file, why_none = tokenizer_to_ship(ckpt, tokenizer, Path(scratch))
