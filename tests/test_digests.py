@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -152,8 +153,8 @@ def test_a_forked_child_hashes_with_workers_of_its_own(tmp_path: Path) -> None:
 def test_a_hash_the_parent_had_not_finished_fails_in_a_forked_child(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Its worker stayed behind: in the child, digest() says so in one line instead of waiting forever;
-    the parent's own hash still ends."""
+    """Its worker stayed behind: in the child, digest() says so in one line instead of waiting forever,
+    and the GIL's switch interval is what it was before the hash began; the parent's own hash still ends."""
     (tmp_path / "f").write_bytes(b"slow")
     release = threading.Event()
     real_hash = digests._hash
@@ -163,10 +164,16 @@ def test_a_hash_the_parent_had_not_finished_fails_in_a_forked_child(
         return real_hash(path, expected, progress)
 
     monkeypatch.setattr(digests, "_hash", held)
+    interval = sys.getswitchinterval()
     pending = digests.take(tmp_path / "f")
+    deadline = time.monotonic() + 10
+    while not digests._running and time.monotonic() < deadline:
+        time.sleep(0.01)
     pid = os.fork()
     if pid == 0:
         signal.alarm(30)  # a child that hangs dies instead
+        if sys.getswitchinterval() != interval:  # the parent's quick handover, for a hash not running here
+            os._exit(3)
         try:
             pending.digest()
             os._exit(2)
@@ -203,3 +210,39 @@ def test_rank_files_are_hashed_early_under_the_names_a_manifest_may_give(
             (shards / MANIFEST).write_text("{" if damage == "not json" else "{}")
         start_hashing_rank_files(shards)
     assert started == []
+
+
+def test_the_gil_is_handed_over_quickly_while_a_hash_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The switch interval is at most SWITCH_SECONDS while any hash runs (two here, ending one after the
+    other), and what it was before once the last has ended, failed or not."""
+    before = 0.004
+    monkeypatch.setattr(digests.sys, "getswitchinterval", lambda: before)  # the interval set before, whatever
+    intervals: list[float] = []
+    monkeypatch.setattr(digests.sys, "setswitchinterval", intervals.append)
+    release = [threading.Event(), threading.Event()]
+    real_hash = digests._hash
+
+    def held(path: Path, expected: digests.Identity | None, progress: digests.Progress | None) -> str:
+        release[path.name == "b"].wait(10)
+        if path.name == "b":
+            raise OSError("unreadable")
+        return real_hash(path, expected, progress)
+
+    monkeypatch.setattr(digests, "_hash", held)
+    monkeypatch.setattr(digests.os, "cpu_count", lambda: 4)  # two workers, whatever this machine has
+    for name in "ab":
+        (tmp_path / name).write_bytes(name.encode())
+    first, second = digests.take(tmp_path / "a"), digests.take(tmp_path / "b")
+    deadline = time.monotonic() + 10
+    while digests._running < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert intervals == [digests.SWITCH_SECONDS]  # set once, when the first began
+    release[0].set()
+    assert wait(first) and first.digest() == hashlib.sha256(b"a").hexdigest()
+    assert intervals == [digests.SWITCH_SECONDS]  # the other still runs
+    release[1].set()
+    assert wait(second)
+    deadline = time.monotonic() + 10
+    while len(intervals) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert intervals == [digests.SWITCH_SECONDS, before]

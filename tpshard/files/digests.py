@@ -9,9 +9,11 @@ import mmap
 import os
 import queue
 import stat
+import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tpshard.errors import TpshardError, first_line
@@ -73,7 +75,8 @@ class FileHash:
     def run(self) -> None:
         """Hash the file; whatever fails is kept for digest() to raise, never the worker's end."""
         try:
-            self._digest = _hash(self.path, self.identity, self._advance)
+            with _quick_handover():
+                self._digest = _hash(self.path, self.identity, self._advance)
         except (OSError, TpshardError) as e:
             self._error = e
         except Exception as e:  # a bug's: one line too, and the worker goes on to the next file
@@ -108,6 +111,33 @@ class FileHash:
         return self._digest
 
 
+# While a hash runs, a thread that holds the GIL hands it over after SWITCH_SECONDS, not Python's 5 ms: a
+# worker needs it for microseconds between reads of a few milliseconds each, and otherwise waits that long
+# for it each time while another thread keeps it busy (torch's import, which the hashes run beside; split
+# waits for its source's hash at the end).
+SWITCH_SECONDS = 0.0005
+_running = 0  # hashes running now
+_interval_before = 0.0  # the switch interval before the first of them began
+_running_lock = threading.Lock()
+
+
+@contextmanager
+def _quick_handover() -> Iterator[None]:
+    global _running, _interval_before
+    with _running_lock:
+        if _running == 0:
+            _interval_before = sys.getswitchinterval()
+            sys.setswitchinterval(min(_interval_before, SWITCH_SECONDS))
+        _running += 1
+    try:
+        yield
+    finally:
+        with _running_lock:
+            _running -= 1
+            if _running == 0:
+                sys.setswitchinterval(_interval_before)
+
+
 # A worker per core but one, left to the command's own thread (torch's import, then the writer: its time
 # is the command's; on 2 cores a second worker made a merge about 5% slower, bench_memory's files), at
 # least one; daemon threads: a failed or interrupted command never waits for a hash to end.
@@ -124,9 +154,12 @@ _unfinished: "weakref.WeakSet[FileHash]" = weakref.WeakSet()  # submitted, not y
 def _forget_the_parents() -> None:
     """In a forked child: the parent's workers did not come along (and a lock may have been held), so
     a hash they had not finished never will be here: it fails, in one line, rather than wait forever."""
-    global _jobs, _workers, _workers_lock, _started, _started_lock
+    global _jobs, _workers, _workers_lock, _started, _started_lock, _running, _running_lock
     _jobs, _workers, _workers_lock = queue.SimpleQueue(), [], threading.Lock()
     _started, _started_lock = {}, threading.Lock()
+    if _running:  # the parent's hashes that were running: here, none is
+        sys.setswitchinterval(_interval_before)
+    _running, _running_lock = 0, threading.Lock()
     for job in list(_unfinished):
         if not job._finished.is_set():
             job._lock, job._finished = threading.Lock(), threading.Event()

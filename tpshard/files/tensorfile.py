@@ -90,7 +90,7 @@ def in_reused_memory(tensors: Mapping[str, torch.Tensor]) -> bool:
 # the input it is made from. A small one is worth its cache: the next command reads it from there.
 BUFFER_BYTES = 1 << 20
 DIRECT_BUFFER_BYTES = 4 << 20  # fewer, larger writes where each waits for the disk
-BUFFERS = 4
+BUFFERS = 8
 ALIGN = 4096  # O_DIRECT's unit for addresses, lengths and offsets: a multiple of every common block size
 DIRECT_BYTES = 256 << 20  # outputs from this size on bypass the page cache
 
