@@ -22,6 +22,7 @@ Also here: `template` and `w`, a split set to copy and damage; `cli`, tpshard's 
 in-process; `nanogpt`, nanoGPT's own GPT as a reference.
 """
 
+import gc
 import math
 import pickle
 import shutil
@@ -223,6 +224,8 @@ def cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Calla
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            gc.unfreeze()  # main() freezes the objects of a process it ends: this one goes on
         out, err = capsys.readouterr()
         return code, out, err
 

@@ -2,6 +2,7 @@
 the c_proj bias added once, and every refusal (one line, exit 2, nothing half-written)."""
 
 import errno
+import gc
 import json
 import os
 import threading
@@ -11,6 +12,7 @@ import pytest
 import torch
 from conftest import BIAS_CONFIG, NO_BIAS_CONFIG
 
+from tpshard import convert
 from tpshard.comm.collectives import LOCAL
 from tpshard.comm.counting import CountingCollectives
 from tpshard.config import GPTConfig
@@ -400,3 +402,18 @@ def test_merge_refuses_an_unknown_format_version(shard_dir: Path, cli) -> None:
     (shard_dir / "manifest.json").write_text(json.dumps(manifest))
     err = one_line_error(*cli("merge", shard_dir, "-o", shard_dir.parent / "merged.pt"))
     assert "format version 99" in err and "not supported" in err
+
+
+def test_merge_freezes_what_it_imported_before_it_writes_and_main_before_the_end(
+    shard_dir: Path, tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI puts torch's objects out of the collector's reach once merge has imported them (DCP's
+    import and planner set off full collections that would walk them), and main() the rest before
+    the process ends (finalization's collections); the cli fixture gives them back."""
+    events = []
+    monkeypatch.setattr(gc, "freeze", lambda: events.append("freeze"))
+    merge_to_file = convert.merge_to
+    monkeypatch.setattr(convert, "merge_to", lambda *a, **k: (events.append("merge"), merge_to_file(*a, **k))[1])
+    code, _, err = cli("merge", shard_dir, "-o", tmp_path / "merged.pt")
+    assert code == 0, err
+    assert events == ["freeze", "merge", "freeze"]

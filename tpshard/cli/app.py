@@ -4,6 +4,7 @@ Nothing here imports torch: `tpshard --help` and `--version` must answer at once
 core inside their bodies.
 """
 
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -64,6 +65,16 @@ def overview(ctx: typer.Context) -> str:
         lines.append(f"  {name:<{width}}  {summary}")
     lines.append(f"'{ctx.command_path} COMMAND --help' for a command's options, '{ctx.command_path} --help' for more")
     return "\n".join(lines)
+
+
+def freeze_imported_objects() -> None:
+    """Once a command has imported the core: the objects of torch's import (some hundred thousand, alive
+    as long as the process) are put out of the collector's reach (gc.freeze), so that the full
+    collections the command's own work sets off no longer walk them all: DCP's import and planner set
+    off several. What the command makes later is collected as before. The CLI's only: the library
+    leaves its caller's collector alone (main() freezes the rest at the end; a caller that runs it in
+    its own process, the tests, gets its objects back with gc.unfreeze())."""
+    gc.freeze()
 
 
 def expand_user(path: Path) -> Path:

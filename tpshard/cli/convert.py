@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from tpshard.cli.app import DType, app, byte_progress, expand_user, stderr, stdout
+from tpshard.cli.app import DType, app, byte_progress, expand_user, freeze_imported_objects, stderr, stdout
 from tpshard.errors import TpshardError
 
 if TYPE_CHECKING:  # the CLI imports torch only when a command runs
@@ -172,6 +172,7 @@ def merge(
     from tpshard.convert import merge_to
     from tpshard.files.shardset import ShardSet
 
+    freeze_imported_objects()
     shard_set = ShardSet.open(shards)
     m = shard_set.manifest
     # written (dcp: lm_head too, wte's bytes), and the rank files hashed

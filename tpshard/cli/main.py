@@ -1,5 +1,6 @@
 """The entry point: every command registered, and every failure turned into one line and an exit code."""
 
+import gc
 import os
 import sys
 from typing import NoReturn
@@ -39,6 +40,11 @@ def main() -> None:
     code = code if isinstance(code, int) else 0
     if code == 130:  # Ctrl-C: typer turns it into exit code 130, silently
         print("tpshard: interrupted", file=sys.stderr)
+    # The process ends here: the interpreter's finalization would first walk every object left,
+    # torch's too, in full collections that nothing needs (every output is closed and synced by
+    # now; README, "Models bigger than memory"). A caller that runs main() in its own process:
+    # see app.freeze_imported_objects.
+    gc.freeze()
     sys.exit(code)
 
 
