@@ -411,9 +411,14 @@ def test_merge_freezes_what_it_imported_before_it_writes_and_main_before_the_end
     import and planner set off full collections that would walk them), and main() the rest before
     the process ends (finalization's collections); the cli fixture gives them back."""
     events = []
+    real_merge_to = convert.merge_to
+
+    def merge_to(*args: object, **kwargs: object) -> None:
+        events.append("merge")
+        real_merge_to(*args, **kwargs)
+
     monkeypatch.setattr(gc, "freeze", lambda: events.append("freeze"))
-    merge_to_file = convert.merge_to
-    monkeypatch.setattr(convert, "merge_to", lambda *a, **k: (events.append("merge"), merge_to_file(*a, **k))[1])
+    monkeypatch.setattr(convert, "merge_to", merge_to)
     code, _, err = cli("merge", shard_dir, "-o", tmp_path / "merged.pt")
     assert code == 0, err
     assert events == ["freeze", "merge", "freeze"]
